@@ -1,0 +1,74 @@
+"""Patch 3 (patches/README.md): engine-argument defaults and start-up checks
+for `--model-impl e3`.
+
+Target: vllm/engine/arg_utils.py, `EngineArgs.create_engine_config` (0.32.0:
+line 2205), the one place both `vllm serve` and `LLM(...)` build the engine
+config, in the front-end process, before any engine process starts. With
+`model_impl == "e3"` the wrapper
+- reads and validates the E3 config (model dir + `additional_config["e3"]`)
+  and the ramps file against the model, so bad input fails with a message
+  that names it and no half-started server;
+- runs the exit path eagerly (`enforce_eager`) when exits can fire: the stage
+  loop changes the token count inside the forward, which vLLM's single
+  compiled graph cannot express. Policy `full` keeps vLLM's compile default.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import wrap_method
+
+logger = logging.getLogger("vllm.e3")
+
+
+def check_e3_engine(engine_args):
+    """Pre-config half: E3Config errors surface before vLLM builds anything."""
+    from vllm_e3.config import load_e3_config
+
+    model_dir = engine_args.model
+    extra = (engine_args.additional_config or {}).get("e3")
+    if not os.path.isdir(model_dir):
+        # vLLM itself reports a missing model; only local directories carry e3/
+        return load_e3_config("/nonexistent", extra)
+    return load_e3_config(model_dir, extra)
+
+
+def check_against_model(e3cfg, vllm_config) -> None:
+    from vllm_e3.config import RAMPS_FILENAME, e3_dir
+    from vllm_e3.ramps import validate_ramps
+
+    hf = vllm_config.model_config.hf_config
+    e3cfg.validate_for_model(hf.num_hidden_layers)
+    ramps = os.path.join(e3_dir(vllm_config.model_config.model), RAMPS_FILENAME)
+    if os.path.exists(ramps):
+        specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size)
+        if e3cfg.confidence == "gate" and e3cfg.exits_active:
+            missing = [e for e, s in specs.items() if not s.has_gate]
+            if missing:
+                raise ValueError(f"E3 confidence 'gate' needs gate tensors for exits {missing} in {ramps}")
+    elif e3cfg.confidence == "gate" and e3cfg.exits_active:
+        raise ValueError("E3 confidence 'gate' needs trained ramps, but the model has no e3/ramps.safetensors")
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
+        raise ValueError("--model-impl e3 does not support pipeline parallelism")
+
+
+def _make(orig):
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "model_impl", None) != "e3":
+            return orig(self, *args, **kwargs)
+        e3cfg = check_e3_engine(self)
+        if e3cfg.exits_active and not self.enforce_eager:
+            logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
+            self.enforce_eager = True
+        config = orig(self, *args, **kwargs)
+        check_against_model(e3cfg, config)
+        return config
+
+    return wrapper
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    wrap_method(EngineArgs, "create_engine_config", _make)

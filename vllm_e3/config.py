@@ -1,0 +1,200 @@
+"""`E3Config`: the one typed configuration of an E3 deployment.
+
+Read once from `<model_dir>/e3/config.json` and deep-merged with the
+deployment's `additional_config["e3"]` (`--additional-config '{"e3": {...}}'`
+or `LLM(..., additional_config={"e3": {...}})`); the deployment wins key by
+key. A model directory without `e3/` runs policy `full`. Unknown keys, bad
+values and exit points that do not fit the model are errors that name the
+problem (raised before an engine starts: see patches/patch_arg_utils.py).
+
+Glossary (../shared/DESIGN.md): an exit point `e` reads the state after decoder
+layer `e-1`; a stage is the layers between two consecutive exit points; a token
+exits at the first exit whose confidence >= that exit's threshold, and a
+threshold of `None` never fires.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+E3_DIRNAME = "e3"
+CONFIG_FILENAME = "config.json"
+RAMPS_FILENAME = "ramps.safetensors"
+CALIBRATION_FILENAME = "calibration.json"
+
+POLICIES = ("full", "sync", "token", "e3")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "gate")
+
+
+class E3ConfigError(ValueError):
+    """A configuration or artifact problem, reported before the engine starts."""
+
+
+@dataclass(frozen=True)
+class E3Config:
+    # full: no exits (identical to vanilla vLLM); sync: a batch stops at an
+    # exit only if every token exits there; token: per-token exits with
+    # compaction and KV fill; e3: token + parking/regrouping.
+    policy: str = "full"
+    # Exit points, strictly increasing, each in [1, num_layers - 1].
+    exits: tuple[int, ...] = ()
+    # One per exit, in [0, 1], or None (that exit never fires). Defaults to
+    # all None.
+    thresholds: tuple[float | None, ...] = ()
+    # How confidence is scored: max softmax probability, top-1/top-2
+    # probability margin, or the ramp's learned gate.
+    confidence: str = "max_prob"
+    # Synthetic exit profile for tests and benchmarks: {exit point: rate}.
+    # Replaces the confidence test by the deterministic decision of
+    # `vllm_e3.exits.forced_exit_u` < rate.
+    force_exit: dict[int, float] = field(default_factory=dict)
+    # Seed of the synthetic profile's hash.
+    seed: int = 0
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "e3 config") -> "E3Config":
+        if not isinstance(raw, dict):
+            raise E3ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise E3ConfigError(
+                f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        kw: dict[str, Any] = dict(raw)
+        policy = kw.get("policy", "full")
+        if policy not in POLICIES:
+            raise E3ConfigError(f"{source}: unknown policy {policy!r}; choose one of {list(POLICIES)}")
+        exits = kw.get("exits", [])
+        if not isinstance(exits, (list, tuple)) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in exits
+        ):
+            raise E3ConfigError(f"{source}: 'exits' must be a list of integers, got {exits!r}")
+        kw["exits"] = tuple(exits)
+        if list(kw["exits"]) != sorted(set(kw["exits"])):
+            raise E3ConfigError(
+                f"{source}: exit points must be strictly increasing without duplicates, got {list(exits)}"
+            )
+        thresholds = kw.get("thresholds")
+        if thresholds is None:
+            thresholds = [None] * len(exits)
+        if not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(exits):
+            raise E3ConfigError(
+                f"{source}: 'thresholds' must be a list with one entry per exit "
+                f"({len(exits)}), got {thresholds!r}"
+            )
+        for e, t in zip(exits, thresholds):
+            if t is None:
+                continue
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+                raise E3ConfigError(
+                    f"{source}: threshold for exit {e} must be in [0, 1] or null, got {t!r}"
+                )
+        kw["thresholds"] = tuple(None if t is None else float(t) for t in thresholds)
+        conf = kw.get("confidence", "max_prob")
+        if conf not in CONFIDENCE_MEASURES:
+            raise E3ConfigError(
+                f"{source}: unknown confidence measure {conf!r}; choose one of {list(CONFIDENCE_MEASURES)}"
+            )
+        kw["force_exit"] = _parse_force_exit(kw.get("force_exit") or {}, exits, source)
+        seed = kw.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise E3ConfigError(f"{source}: 'seed' must be an integer, got {seed!r}")
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exits"] = list(self.exits)
+        d["thresholds"] = list(self.thresholds)
+        d["force_exit"] = {str(k): v for k, v in self.force_exit.items()}
+        return d
+
+    # ---- checks against the model --------------------------------------
+    def validate_for_model(self, num_layers: int) -> None:
+        for e in self.exits:
+            if not 1 <= e <= num_layers - 1:
+                raise E3ConfigError(
+                    f"exit point {e} is out of range: the model has {num_layers} decoder "
+                    f"layers, so exit points must lie in [1, {num_layers - 1}]"
+                )
+
+    @property
+    def exits_active(self) -> bool:
+        """Can any token exit at all under this configuration?"""
+        if self.policy == "full" or not self.exits:
+            return False
+        return bool(self.force_exit) or any(t is not None for t in self.thresholds)
+
+    def stages(self, num_layers: int) -> list[tuple[int, int]]:
+        """Layer ranges [start, end) between consecutive exit points."""
+        bounds = [0, *self.exits, num_layers]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _parse_force_exit(raw: Any, exits, source: str) -> dict[int, float]:
+    if not isinstance(raw, dict):
+        raise E3ConfigError(f"{source}: 'force_exit' must be an object {{exit point: rate}}, got {raw!r}")
+    out: dict[int, float] = {}
+    for k, rate in raw.items():
+        try:
+            e = int(k)
+        except (TypeError, ValueError):
+            raise E3ConfigError(f"{source}: force_exit key {k!r} is not an exit point") from None
+        if e not in exits:
+            raise E3ConfigError(
+                f"{source}: force_exit names exit {e}, which is not in 'exits' {list(exits)}"
+            )
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise E3ConfigError(f"{source}: force_exit rate for exit {e} must be in [0, 1], got {rate!r}")
+        out[e] = float(rate)
+    return dict(sorted(out.items()))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge `override` into a copy of `base`, recursing into nested objects."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def e3_dir(model_dir: str) -> str:
+    return os.path.join(model_dir, E3_DIRNAME)
+
+
+def load_e3_config(model_dir: str, overrides: dict[str, Any] | None = None) -> E3Config:
+    """The deployment's E3Config: `<model_dir>/e3/config.json` <- overrides."""
+    path = os.path.join(e3_dir(model_dir), CONFIG_FILENAME)
+    raw: dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise E3ConfigError(f"cannot read E3 config {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise E3ConfigError(f"{path}: expected a JSON object")
+    if overrides:
+        if not isinstance(overrides, dict):
+            raise E3ConfigError(f"additional_config['e3'] must be an object, got {overrides!r}")
+        raw = deep_merge(raw, overrides)
+    # A deployment override of `exits` without thresholds keeps the count right.
+    if overrides and "exits" in overrides and "thresholds" not in overrides:
+        raw.pop("thresholds", None)
+    if overrides and "exits" in overrides and "force_exit" not in overrides:
+        raw.pop("force_exit", None)
+    return E3Config.from_dict(raw, source=path if not overrides else f"{path} + additional_config['e3']")
+
+
+def e3_config_from_vllm(vllm_config) -> E3Config:
+    """E3Config of a built `VllmConfig` (model path + additional_config)."""
+    model_dir = vllm_config.model_config.model
+    extra = (vllm_config.additional_config or {}).get("e3")
+    return load_e3_config(model_dir, extra)

@@ -1,0 +1,194 @@
+"""The early-exit step inside one vLLM forward: rows, decisions, attention
+slices and KV fill. Knows vLLM's forward context and attention layers; never
+the scheduler, the CLI or training (../shared/DESIGN.md, "Which part may know
+which").
+
+Glossary
+- row: one token of the flattened batch the model's forward sees; rows map to
+  requests through the attention metadata's `query_start_loc`.
+- decode row: the single new token of a request whose prompt is done; only
+  decode rows may exit (prompt tokens run the whole model).
+- active rows: rows still running at the current stage, compacted to the front.
+- KV fill: K/V of every layer a token skipped, written from its pre-ramp state
+  through each skipped layer's own input norm -> K/V projection -> RoPE ->
+  cache write, so later tokens never attend to holes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import torch
+
+_U64 = float(2**64)
+
+
+def forced_exit_u(seed: int, e: int, position: int, token_id: int) -> float:
+    """The synthetic profile's uniform draw for a token reaching exit `e`.
+
+    First 8 bytes of sha256(f"{seed}:{e}:{position}:{token_id}"), big-endian,
+    over 2**64: it depends only on what the forward sees, so every run and
+    every policy makes the same decision, and a reference can reproduce it.
+    """
+    digest = hashlib.sha256(f"{seed}:{e}:{position}:{token_id}".encode()).digest()
+    return struct.unpack(">Q", digest[:8])[0] / _U64
+
+
+def forced_exit_mask(seed: int, e: int, rate: float, positions: torch.Tensor,
+                     token_ids: torch.Tensor) -> torch.Tensor:
+    """[n] bool: which of these rows leave at `e` under rate `rate`."""
+    if rate >= 1.0:
+        return torch.ones(positions.shape[0], dtype=torch.bool)
+    if rate <= 0.0:
+        return torch.zeros(positions.shape[0], dtype=torch.bool)
+    return torch.tensor(
+        [forced_exit_u(seed, e, p, t) < rate
+         for p, t in zip(positions.tolist(), token_ids.tolist())],
+        dtype=torch.bool,
+    )
+
+
+@dataclass
+class RowLayout:
+    """How the rows of one forward map to requests."""
+    num_rows: int                 # real (unpadded) tokens
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    req_of_row: torch.Tensor       # [num_rows] int64
+    decode_row: torch.Tensor       # [num_rows] bool: may exit
+
+    @classmethod
+    def from_metadata(cls, md) -> "RowLayout":
+        qsl = md.query_start_loc
+        qlen = (qsl[1:] - qsl[:-1]).long()
+        n = int(md.num_actual_tokens)
+        req_of_row = torch.repeat_interleave(torch.arange(qlen.numel()), qlen)[:n]
+        decode_req = (qlen == 1) & (md.seq_lens.long() > 1)
+        return cls(n, qsl, req_of_row, decode_req[req_of_row])
+
+
+def _cpu_scheduler_metadata(md, layer, query_start_loc, seq_lens):
+    """Recompute the CPU attention kernel's work split for a sliced batch
+    (what CPUAttentionMetadataBuilder.build does, ~6 us)."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    impl = layer.impl
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.numel(),
+        num_heads=impl.num_heads,
+        num_kv_heads=impl.num_kv_heads,
+        head_dim=impl.head_size,
+        seq_lens=seq_lens,
+        dtype=layer.kv_cache.dtype if layer.kv_cache.numel() else torch.get_default_dtype(),
+        query_start_loc=query_start_loc,
+        causal=md.causal,
+        sliding_window_size=impl.sliding_window,
+        isa=layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=md.dynamic_causal,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+
+
+def slice_attn_metadata(md, layer, keep_rows: torch.Tensor, keep_reqs: torch.Tensor):
+    """A new metadata object for the subset of requests `keep_reqs` whose
+    tokens are `keep_rows` (in order). Never mutates `md`: every layer of the
+    forward context shares it (vLLM's v1/worker/ubatch_utils.py slices the
+    same way for micro-batches)."""
+    name = type(md).__name__
+    if name != "CPUAttentionMetadata":
+        raise NotImplementedError(
+            f"vllm-e3 can slice attention metadata of the CPU backend only, not {name}"
+        )
+    qsl = md.query_start_loc
+    qlen = qsl[1:] - qsl[:-1]
+    kept_len = qlen[keep_reqs]
+    new_qsl = torch.zeros(keep_reqs.numel() + 1, dtype=qsl.dtype)
+    torch.cumsum(kept_len, 0, out=new_qsl[1:])
+    seq_lens = md.seq_lens[keep_reqs]
+    return dataclasses.replace(
+        md,
+        num_actual_tokens=int(keep_rows.numel()),
+        max_query_len=int(kept_len.max()) if kept_len.numel() else 0,
+        query_start_loc=new_qsl,
+        seq_lens=seq_lens,
+        max_seq_len=int(seq_lens.max()) if seq_lens.numel() else 0,
+        block_table=md.block_table[keep_reqs],
+        slot_mapping=md.slot_mapping[keep_rows],
+        scheduler_metadata=_cpu_scheduler_metadata(md, layer, new_qsl, seq_lens),
+    )
+
+
+class AttentionView:
+    """The forward context's per-layer attention metadata and slot mappings,
+    restricted to the active rows. Installs new dicts (entries replaced,
+    shared objects untouched) and restores the originals on `restore()`."""
+
+    def __init__(self, fc, attn_layers: dict[str, object]):
+        self.fc = fc
+        self.layers = attn_layers                    # layer name -> Attention
+        self.orig_md = fc.attn_metadata              # name -> metadata
+        self.orig_slots = fc.slot_mapping            # name -> [N] slots
+
+    def restrict(self, keep_rows: torch.Tensor, keep_reqs: torch.Tensor) -> None:
+        """Point every layer at the rows `keep_rows` (indices into the
+        original rows) of the requests `keep_reqs`."""
+        sliced: dict[int, object] = {}
+        new_md, new_slots = {}, {}
+        for name, md in self.orig_md.items():
+            key = id(md)
+            if key not in sliced:
+                sliced[key] = slice_attn_metadata(md, self.layers[name], keep_rows, keep_reqs)
+            new_md[name] = sliced[key]
+        for name, slots in self.orig_slots.items():
+            new_slots[name] = slots[keep_rows]
+        self.fc.attn_metadata = new_md
+        self.fc.slot_mapping = new_slots
+
+    def restore(self) -> None:
+        self.fc.attn_metadata = self.orig_md
+        self.fc.slot_mapping = self.orig_slots
+
+
+def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write layer's K/V for tokens that skipped it, from their pre-ramp state.
+
+    x [m, d]: hidden + residual after the token's exit layer (what the first
+    skipped layer would have read); positions [m]; slots [m] cache slots.
+    Reuses the layer's own modules: input norm -> qkv_proj -> (k_norm) ->
+    RoPE on K alone -> the backend's cache write, so the write is the one the
+    full layer would make from that state.
+    """
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    qkv, _ = attn.qkv_proj(h)
+    _, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    head_dim = attn.head_dim
+    if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm on K before RoPE
+        k = attn.k_norm(k.reshape(-1, attn.num_kv_heads, head_dim)).reshape(k.shape)
+    k = k.contiguous()
+    attn.rotary_emb(positions, k, None)  # in place on K alone
+    a = attn.attn
+    a.impl.do_kv_cache_update(
+        a,
+        k.view(-1, a.num_kv_heads, a.head_size),
+        v.contiguous().view(-1, a.num_kv_heads, a.head_size),
+        a.kv_cache,
+        slots,
+    )
+
+
+@dataclass
+class ExitStats:
+    """Per-worker counters (read by metrics later)."""
+    steps: int = 0
+    decode_tokens: int = 0
+    exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
+    layers_run: int = 0          # sum over rows of decoder layers run
+    layers_full: int = 0         # the same had no row exited
+    kv_fill_rows: int = 0        # sum over exited rows of layers filled
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

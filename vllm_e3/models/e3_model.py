@@ -1,0 +1,206 @@
+"""E3 subclasses of vLLM's Llama-family causal LMs.
+
+`E3CausalLMMixin` adds ramps at the configured exit points and, when exits
+can fire, replaces the backbone's forward by a stage loop:
+
+    for each stage [a, b):   run layers a..b-1 on the active rows
+        at exit b:           decide which decode rows exit (confidence or the
+                             synthetic profile); exited rows write their ramp
+                             output; the rest are compacted and the attention
+                             metadata sliced to them
+    finally:                 final norm for the rows that ran to the end,
+                             KV fill for every layer an exited row skipped
+
+The model returns, per row, the state the LM head reads; `compute_logits` and
+vLLM's sampler are untouched. With policy `full` (or no exit that can fire)
+`forward` is the parent's, compiled as vLLM compiles it, so output and speed
+are vanilla vLLM's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from ..config import RAMPS_FILENAME, e3_config_from_vllm, e3_dir
+from ..exits import AttentionView, ExitStats, RowLayout, forced_exit_mask, kv_fill_layer
+from ..ramps import Ramp, load_ramp_tensors, validate_ramps
+
+logger = logging.getLogger("vllm_e3")
+
+
+class E3CausalLMMixin:
+    """Ramps + early exits over a vLLM `*ForCausalLM` with `.model.layers`,
+    `.model.norm`, `.lm_head`. Put it first in the bases."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        cfg = self.config
+        self.e3 = e3_config_from_vllm(vllm_config)
+        self.e3.validate_for_model(cfg.num_hidden_layers)
+        self.e3_num_layers = cfg.num_hidden_layers
+        ramps_path = os.path.join(e3_dir(vllm_config.model_config.model), RAMPS_FILENAME)
+        self.e3_ramps_path = ramps_path if os.path.isfile(ramps_path) else None
+        specs = (validate_ramps(ramps_path, self.e3.exits, cfg.hidden_size)
+                 if self.e3_ramps_path else {})
+        eps = cfg.rms_norm_eps
+        self.e3_ramps = nn.ModuleDict({
+            str(e): Ramp(cfg.hidden_size, specs[e].rank if e in specs else 0,
+                         specs[e].has_gate if e in specs else False, eps)
+            for e in self.e3.exits
+        })
+        if self.e3.confidence == "gate" and self.e3.exits_active:
+            missing = [e for e in self.e3.exits if not self.e3_ramps[str(e)].has_gate]
+            if missing:
+                raise ValueError(f"E3 config asks for confidence 'gate' but exits {missing} "
+                                 f"have no gate tensors in {ramps_path}")
+        self.e3_stats = ExitStats()
+        logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
+                    type(self).__name__, self.e3.policy, list(self.e3.exits),
+                    list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
+
+    # ---- weights -------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = set(super().load_weights(weights))
+        if self.e3_ramps_path:
+            tensors = load_ramp_tensors(self.e3_ramps_path, self.e3.exits)
+            for e, ramp in self.e3_ramps.items():
+                for key, param in ramp.param_items(int(e)):
+                    param.data.copy_(tensors[key].to(param.dtype))
+        loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
+        return loaded
+
+    # ---- forward -------------------------------------------------------
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if not self.e3.exits_active:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        fc = get_forward_context()
+        if not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata:
+            # profile / dummy runs carry no metadata: nothing can exit
+            return self._e3_run_layers(input_ids, positions, inputs_embeds)
+        return self._e3_forward(fc, input_ids, positions, inputs_embeds)
+
+    def _e3_run_layers(self, input_ids, positions, inputs_embeds):
+        model = self.model
+        h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
+        for layer in model.layers:
+            h, residual = layer(positions, h, residual)
+        return model.norm(h, residual)[0]
+
+    def e3_head_input(self, e: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """[n, d] state the LM head reads for rows exiting at `e`."""
+        return self.model.norm(self.e3_ramps[str(e)](h + residual))
+
+    def _e3_decide(self, e: int, head_in: torch.Tensor, pos: torch.Tensor,
+                   tok: torch.Tensor) -> torch.Tensor:
+        """[m] bool: which candidate rows leave at exit `e`."""
+        cfg = self.e3
+        if e in cfg.force_exit:
+            return forced_exit_mask(cfg.seed, e, cfg.force_exit[e], pos, tok)
+        t = cfg.thresholds[cfg.exits.index(e)]
+        if t is None:
+            return torch.zeros(head_in.shape[0], dtype=torch.bool)
+        from ..kernels import exit_confidence, gate_confidence
+
+        thr = torch.full((head_in.shape[0],), t, dtype=torch.float32, device=head_in.device)
+        if cfg.confidence == "gate":
+            ramp = self.e3_ramps[str(e)]
+            return gate_confidence(head_in, ramp.gate_weight[0], ramp.gate_bias, thr).exit_mask
+        return exit_confidence(head_in, self.lm_head.weight, thr, measure=cfg.confidence).exit_mask
+
+    def _e3_forward(self, fc, input_ids, positions, inputs_embeds):
+        model, cfg, stats = self.model, self.e3, self.e3_stats
+        h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        out = torch.zeros_like(h)                         # [N, d] head input per row
+        layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())))
+        n = layout.num_rows
+        attn_layers = {layer.self_attn.attn.layer_name: layer.self_attn.attn for layer in model.layers}
+        view = AttentionView(fc, attn_layers)
+        rows = torch.arange(h.shape[0])                   # [N] original row of each active row
+        residual = None
+        # (exit, original rows [m], pre-ramp state [m, d], positions [m])
+        exited_groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        n_decode = int(layout.decode_row.sum())
+        stats.steps += 1
+        stats.decode_tokens += n_decode
+        stats.layers_full += n_decode * self.e3_num_layers
+        try:
+            for start, end in cfg.stages(self.e3_num_layers):
+                for layer in model.layers[start:end]:
+                    h, residual = layer(positions, h, residual)
+                stats.layers_run += int((layout.decode_row[rows[rows < n]]).sum()) * (end - start)
+                if end == self.e3_num_layers:
+                    break
+                is_cand = (rows < n) & layout.decode_row[rows.clamp(max=n - 1)]
+                if not bool(is_cand.any()):
+                    continue
+                cand = is_cand.nonzero().squeeze(1)
+                head_in = self.e3_head_input(end, h[cand], residual[cand])
+                leave = self._e3_decide(end, head_in, positions[cand], input_ids[rows[cand]])
+                if cfg.policy == "sync" and not (bool(leave.all()) and cand.numel() == rows.numel()):
+                    continue
+                if not bool(leave.any()):
+                    continue
+                gone = cand[leave]                         # active-row indices that exit
+                out[rows[gone]] = head_in[leave]
+                exited_groups.append((end, rows[gone], h[gone] + residual[gone], positions[gone]))
+                stats.exited[end] = stats.exited.get(end, 0) + int(gone.numel())
+                keep = torch.ones(rows.numel(), dtype=torch.bool)
+                keep[gone] = False
+                keep &= rows < n                           # padding rows need no more work
+                if not bool(keep.any()):
+                    rows = rows[:0]
+                    break
+                idx = keep.nonzero().squeeze(1)
+                h, residual, positions, rows = h[idx], residual[idx], positions[idx], rows[idx]
+                view.restrict(rows, torch.unique_consecutive(layout.req_of_row[rows]))
+            if rows.numel():
+                out[rows] = model.norm(h, residual)[0]
+        finally:
+            view.restore()
+        if exited_groups:
+            self._e3_kv_fill(fc, exited_groups)
+        return out
+
+    def _e3_kv_fill(self, fc, groups) -> None:
+        """KV fill for every layer each exited group skipped; at layer l the
+        groups that exited at e <= l are filled together, in one batch."""
+        model = self.model
+        pending = sorted(groups, key=lambda g: g[0])
+        states, pos, rows = [], [], []
+        for l in range(pending[0][0], self.e3_num_layers):
+            if pending and pending[0][0] <= l:
+                while pending and pending[0][0] <= l:
+                    _, r, x, p = pending.pop(0)
+                    states.append(x); pos.append(p); rows.append(r)
+                x_all, p_all, r_all = torch.cat(states), torch.cat(pos), torch.cat(rows)
+            layer = model.layers[l]
+            slots = fc.slot_mapping[layer.self_attn.attn.layer_name][r_all]
+            kv_fill_layer(layer, x_all, p_all, slots)
+            self.e3_stats.kv_fill_rows += int(r_all.numel())
+
+
+class E3LlamaForCausalLM(E3CausalLMMixin, LlamaForCausalLM):
+    pass
+
+
+class E3MistralForCausalLM(E3CausalLMMixin, MistralForCausalLM):
+    pass
+
+
+class E3Qwen2ForCausalLM(E3CausalLMMixin, Qwen2ForCausalLM):
+    pass
+
+
+class E3Qwen3ForCausalLM(E3CausalLMMixin, Qwen3ForCausalLM):
+    pass

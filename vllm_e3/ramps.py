@@ -1,0 +1,183 @@
+"""Ramps (exit heads) and their artifact, `<model_dir>/e3/ramps.safetensors`.
+
+A ramp at exit point `e` reads the residual stream after decoder layer `e-1`,
+`x = hidden + residual` [n, d], and maps it into the space the model's own
+final norm + LM head read:
+
+    y = x + up(down(rms_norm(x) * norm.weight))        (rank-r adapter)
+    y = x                                               (no tensors: identity,
+                                                          the "logit lens")
+    head_in = final_norm(y)                             (the model's own norm)
+    gate    = sigmoid(head_in @ gate.weight.T + gate.bias)   (optional)
+
+Artifact schema (safetensors; every tensor in the model's hidden size d):
+    exits.<e>.norm.weight  [d]
+    exits.<e>.down.weight  [r, d]
+    exits.<e>.up.weight    [d, r]
+    exits.<e>.gate.weight  [1, d]     optional: the learned confidence gate
+    exits.<e>.gate.bias    [1]        optional, present iff gate.weight is
+Metadata (strings): `format` = "vllm-e3.ramps/1", `exits` (JSON list),
+`base_model_hash` (see `model_hash`), `recipe` (JSON), `data_hash`.
+An exit listed in the E3 config with no tensors in the file uses the identity
+ramp; tensors of exits not in the config are ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import E3ConfigError
+
+RAMPS_FORMAT = "vllm-e3.ramps/1"
+_PARTS = ("norm.weight", "down.weight", "up.weight", "gate.weight", "gate.bias")
+
+
+@dataclass
+class RampSpec:
+    """Shapes of one exit's tensors as stored (rank 0 = identity ramp)."""
+    exit: int
+    rank: int
+    has_adapter: bool
+    has_gate: bool
+
+
+def ramp_key(e: int, part: str) -> str:
+    return f"exits.{e}.{part}"
+
+
+def model_hash(model_dir: str) -> str:
+    """sha256 over the base model's config.json and weight files (not e3/)."""
+    h = hashlib.sha256()
+    names = sorted(
+        n for n in os.listdir(model_dir)
+        if n == "config.json" or n.endswith(".safetensors")
+    )
+    for name in names:
+        h.update(name.encode())
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_ramps_header(path: str) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """(metadata, {tensor name: shape}) without reading tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types on corruption
+        raise E3ConfigError(f"cannot read ramps file {path}: {exc}") from exc
+    return meta, shapes
+
+
+def validate_ramps(path: str, exits, hidden_size: int) -> dict[int, RampSpec]:
+    """Check every ramp tensor's shape against the model; returns per-exit specs."""
+    meta, shapes = read_ramps_header(path)
+    fmt = meta.get("format")
+    if fmt != RAMPS_FORMAT:
+        raise E3ConfigError(f"{path}: metadata 'format' is {fmt!r}, expected {RAMPS_FORMAT!r}")
+    by_exit: dict[int, dict[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "exits" or not parts[1].isdigit() or parts[2] not in _PARTS:
+            raise E3ConfigError(f"{path}: unexpected tensor {name!r} (schema: exits.<e>.{{{','.join(_PARTS)}}})")
+        by_exit.setdefault(int(parts[1]), {})[parts[2]] = shape
+    specs: dict[int, RampSpec] = {}
+    d = hidden_size
+    for e in exits:
+        t = by_exit.get(e)
+        if not t:
+            specs[e] = RampSpec(e, 0, False, False)
+            continue
+        adapter = [p for p in ("norm.weight", "down.weight", "up.weight") if p in t]
+        if adapter and len(adapter) != 3:
+            raise E3ConfigError(f"{path}: exit {e} has only {adapter} of norm/down/up")
+        rank = t["down.weight"][0] if adapter else 0
+        want = {}
+        if adapter:
+            want.update({"norm.weight": [d], "down.weight": [rank, d], "up.weight": [d, rank]})
+        has_gate = "gate.weight" in t or "gate.bias" in t
+        if has_gate:
+            want.update({"gate.weight": [1, d], "gate.bias": [1]})
+        for part, shape in want.items():
+            got = t.get(part)
+            if got != shape:
+                raise E3ConfigError(
+                    f"{path}: ramp tensor exits.{e}.{part} has shape {got}, "
+                    f"expected {shape} for a model with hidden size {d}"
+                )
+        specs[e] = RampSpec(e, rank, bool(adapter), has_gate)
+    return specs
+
+
+def load_ramp_tensors(path: str, exits) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise E3ConfigError(f"cannot read ramps file {path}: {exc}") from exc
+    keep = {f"exits.{e}." for e in exits}
+    return {k: v for k, v in tensors.items() if any(k.startswith(p) for p in keep)}
+
+
+def save_ramps(path: str, tensors: dict[str, torch.Tensor], *, exits, base_model_hash: str,
+               recipe: dict, data_hash: str) -> None:
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": RAMPS_FORMAT,
+        "exits": json.dumps(sorted(exits)),
+        "base_model_hash": base_model_hash,
+        "recipe": json.dumps(recipe, sort_keys=True),
+        "data_hash": data_hash,
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm in fp32, cast back to x's dtype (matches HF and vLLM)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf.to(x.dtype) * weight) if weight.dtype == x.dtype else (xf * weight.float()).to(x.dtype)
+
+
+class Ramp(torch.nn.Module):
+    """One exit's adapter (+ optional gate). rank 0: identity, no parameters."""
+
+    def __init__(self, hidden_size: int, rank: int, has_gate: bool, eps: float):
+        super().__init__()
+        self.rank, self.eps = rank, eps
+        if rank > 0:
+            self.norm_weight = torch.nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+            self.down = torch.nn.Parameter(torch.zeros(rank, hidden_size), requires_grad=False)
+            self.up = torch.nn.Parameter(torch.zeros(hidden_size, rank), requires_grad=False)
+        self.has_gate = has_gate
+        if has_gate:
+            self.gate_weight = torch.nn.Parameter(torch.zeros(1, hidden_size), requires_grad=False)
+            self.gate_bias = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [n, d] residual stream after layer e-1
+        if self.rank == 0:
+            return x
+        z = rms_norm(x, self.norm_weight, self.eps)
+        return x + torch.nn.functional.linear(torch.nn.functional.linear(z, self.down), self.up)
+
+    def param_items(self, e: int):
+        """(artifact key, parameter) pairs, the artifact's names in one table."""
+        names = {"norm_weight": "norm.weight", "down": "down.weight", "up": "up.weight",
+                 "gate_weight": "gate.weight", "gate_bias": "gate.bias"}
+        for attr, part in names.items():
+            if hasattr(self, attr):
+                yield ramp_key(e, part), getattr(self, attr)
