@@ -8,6 +8,8 @@ config, in the front-end process, before any engine process starts. With
 - reads and validates the E3 config (model dir + `additional_config["e3"]`)
   and the ramps file against the model, so bad input fails with a message
   that names it and no half-started server;
+- defaults `worker_cls` to vllm_e3's (the runner that tells the model which
+  requests its rows belong to);
 - runs the exit path eagerly (`enforce_eager`) when exits can fire: the stage
   loop changes the token count inside the forward, which vLLM's single
   compiled graph cannot express. Policy `full` keeps vLLM's compile default.
@@ -20,6 +22,8 @@ import os
 from . import wrap_method
 
 logger = logging.getLogger("vllm.e3")
+
+E3_WORKER_CLS = "vllm_e3.worker.E3CPUWorker"
 
 
 def check_e3_engine(engine_args):
@@ -58,6 +62,8 @@ def _make(orig):
         if getattr(self, "model_impl", None) != "e3":
             return orig(self, *args, **kwargs)
         e3cfg = check_e3_engine(self)
+        if self.worker_cls == "auto":
+            self.worker_cls = E3_WORKER_CLS
         if e3cfg.exits_active and not self.enforce_eager:
             logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
             self.enforce_eager = True

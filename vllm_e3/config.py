@@ -125,9 +125,9 @@ class E3Config:
     @property
     def exits_active(self) -> bool:
         """Can any token exit at all under this configuration?"""
-        if self.policy == "full" or not self.exits:
-            return False
-        return bool(self.force_exit) or any(t is not None for t in self.thresholds)
+        # Per-request knobs can turn thresholds on, so any exit under a
+        # non-full policy makes the stage loop run.
+        return self.policy != "full" and bool(self.exits)
 
     def stages(self, num_layers: int) -> list[tuple[int, int]]:
         """Layer ranges [start, end) between consecutive exit points."""

@@ -36,18 +36,16 @@ def forced_exit_u(seed: int, e: int, position: int, token_id: int) -> float:
     return struct.unpack(">Q", digest[:8])[0] / _U64
 
 
-def forced_exit_mask(seed: int, e: int, rate: float, positions: torch.Tensor,
+def forced_exit_mask(seed: int, e: int, rate: torch.Tensor, positions: torch.Tensor,
                      token_ids: torch.Tensor) -> torch.Tensor:
-    """[n] bool: which of these rows leave at `e` under rate `rate`."""
-    if rate >= 1.0:
-        return torch.ones(positions.shape[0], dtype=torch.bool)
-    if rate <= 0.0:
-        return torch.zeros(positions.shape[0], dtype=torch.bool)
-    return torch.tensor(
-        [forced_exit_u(seed, e, p, t) < rate
-         for p, t in zip(positions.tolist(), token_ids.tolist())],
-        dtype=torch.bool,
-    )
+    """[n] bool: which rows leave at `e`, each under its own rate [n]."""
+    out = rate >= 1.0
+    mid = ((rate > 0.0) & (rate < 1.0)).nonzero().squeeze(1).tolist()
+    if mid:
+        pos, tok, r = positions[mid].tolist(), token_ids[mid].tolist(), rate[mid].tolist()
+        out[mid] = torch.tensor(
+            [forced_exit_u(seed, e, p, t) < q for p, t, q in zip(pos, tok, r)], dtype=torch.bool)
+    return out
 
 
 @dataclass
@@ -178,6 +176,46 @@ def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.
         a.kv_cache,
         slots,
     )
+
+
+@dataclass
+class ExitPlan:
+    """Per-row exit rules of one step, from the engine's E3Config and the
+    requests' extras (vllm_e3.step). Rows index the forward's rows."""
+    may_exit: torch.Tensor                 # [N] bool: decode row whose request may exit
+    sync: bool                             # the step follows policy `sync`
+    rate: dict[int, torch.Tensor]          # exit -> [N] forced rate, NaN = not forced
+    threshold: dict[int, torch.Tensor]     # exit -> [N] fp32 confidence threshold, inf = never
+    kv_fill: torch.Tensor                  # [N] bool
+
+    @classmethod
+    def build(cls, cfg, layout: "RowLayout", n_rows: int, step) -> "ExitPlan":
+        num_reqs = layout.query_start_loc.numel() - 1
+        policy = [cfg.policy] * num_reqs
+        force = [cfg.force_exit] * num_reqs
+        fill = [True] * num_reqs
+        if step is not None and step.has_overrides() and len(step.extra_args) >= num_reqs:
+            for j, extra in enumerate(step.extra_args[:num_reqs]):
+                extra = extra or {}
+                policy[j] = extra.get("_e3_policy", policy[j])
+                if "_e3_force_exit" in extra:
+                    force[j] = {int(k): float(v) for k, v in extra["_e3_force_exit"].items()}
+                fill[j] = bool(extra.get("_e3_kv_fill", True))
+        pad = n_rows - layout.num_rows
+        req = layout.req_of_row
+
+        def per_row(values, dtype, pad_value):
+            t = torch.tensor(values, dtype=dtype)[req]
+            return torch.cat([t, torch.full((pad,), pad_value, dtype=dtype)]) if pad else t
+
+        may_exit = per_row([p != "full" for p in policy], torch.bool, False)
+        decode = torch.cat([layout.decode_row, torch.zeros(pad, dtype=torch.bool)]) if pad else layout.decode_row
+        rate, threshold = {}, {}
+        for e, t in zip(cfg.exits, cfg.thresholds):
+            rate[e] = per_row([f.get(e, float("nan")) for f in force], torch.float32, float("nan"))
+            threshold[e] = torch.full((n_rows,), float("inf") if t is None else t, dtype=torch.float32)
+        sync = num_reqs > 0 and all(p == "sync" for p in policy)
+        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True))
 
 
 @dataclass

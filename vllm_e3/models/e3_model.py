@@ -32,10 +32,11 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import RAMPS_FILENAME, e3_config_from_vllm, e3_dir
-from ..exits import AttentionView, ExitStats, RowLayout, forced_exit_mask, kv_fill_layer
+from ..exits import AttentionView, ExitPlan, ExitStats, RowLayout, forced_exit_mask, kv_fill_layer
+from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, validate_ramps
 
-logger = logging.getLogger("vllm_e3")
+logger = logging.getLogger("vllm.e3")
 
 
 class E3CausalLMMixin:
@@ -101,75 +102,82 @@ class E3CausalLMMixin:
         """[n, d] state the LM head reads for rows exiting at `e`."""
         return self.model.norm(self.e3_ramps[str(e)](h + residual))
 
-    def _e3_decide(self, e: int, head_in: torch.Tensor, pos: torch.Tensor,
-                   tok: torch.Tensor) -> torch.Tensor:
-        """[m] bool: which candidate rows leave at exit `e`."""
-        cfg = self.e3
-        if e in cfg.force_exit:
-            return forced_exit_mask(cfg.seed, e, cfg.force_exit[e], pos, tok)
-        t = cfg.thresholds[cfg.exits.index(e)]
-        if t is None:
-            return torch.zeros(head_in.shape[0], dtype=torch.bool)
-        from ..kernels import exit_confidence, gate_confidence
+    def _e3_decide(self, e: int, plan: ExitPlan, cand_rows: torch.Tensor, head_in: torch.Tensor,
+                   pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """[m] bool: which candidate rows (forward rows `cand_rows`) leave at `e`."""
+        rate = plan.rate[e][cand_rows]
+        forced = ~torch.isnan(rate)
+        leave = torch.zeros(cand_rows.numel(), dtype=torch.bool)
+        if bool(forced.any()):
+            leave[forced] = forced_exit_mask(self.e3.seed, e, rate[forced], pos[forced], tok[forced])
+        thr = plan.threshold[e][cand_rows]
+        scored = ~forced & torch.isfinite(thr)
+        if bool(scored.any()):
+            from ..kernels import exit_confidence, gate_confidence
 
-        thr = torch.full((head_in.shape[0],), t, dtype=torch.float32, device=head_in.device)
-        if cfg.confidence == "gate":
-            ramp = self.e3_ramps[str(e)]
-            return gate_confidence(head_in, ramp.gate_weight[0], ramp.gate_bias, thr).exit_mask
-        return exit_confidence(head_in, self.lm_head.weight, thr, measure=cfg.confidence).exit_mask
+            idx = scored.nonzero().squeeze(1)
+            x = head_in[idx]
+            if self.e3.confidence == "gate":
+                ramp = self.e3_ramps[str(e)]
+                res = gate_confidence(x, ramp.gate_weight[0], ramp.gate_bias, thr[idx])
+            else:
+                res = exit_confidence(x, self.lm_head.weight, thr[idx], measure=self.e3.confidence)
+            leave[idx] = res.exit_mask.cpu()
+        return leave
 
     def _e3_forward(self, fc, input_ids, positions, inputs_embeds):
-        model, cfg, stats = self.model, self.e3, self.e3_stats
+        model, stats = self.model, self.e3_stats
         h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         out = torch.zeros_like(h)                         # [N, d] head input per row
         layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())))
-        n = layout.num_rows
+        plan = ExitPlan.build(self.e3, layout, h.shape[0], current_step())
         attn_layers = {layer.self_attn.attn.layer_name: layer.self_attn.attn for layer in model.layers}
         view = AttentionView(fc, attn_layers)
-        rows = torch.arange(h.shape[0])                   # [N] original row of each active row
+        rows = torch.arange(h.shape[0])                   # [M] forward row of each active row
+        tokens = input_ids
         residual = None
-        # (exit, original rows [m], pre-ramp state [m, d], positions [m])
-        exited_groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
+        exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         n_decode = int(layout.decode_row.sum())
         stats.steps += 1
         stats.decode_tokens += n_decode
         stats.layers_full += n_decode * self.e3_num_layers
         try:
-            for start, end in cfg.stages(self.e3_num_layers):
+            for start, end in self.e3.stages(self.e3_num_layers):
                 for layer in model.layers[start:end]:
                     h, residual = layer(positions, h, residual)
-                stats.layers_run += int((layout.decode_row[rows[rows < n]]).sum()) * (end - start)
+                stats.layers_run += int(plan.may_exit[rows].sum()) * (end - start)
                 if end == self.e3_num_layers:
                     break
-                is_cand = (rows < n) & layout.decode_row[rows.clamp(max=n - 1)]
-                if not bool(is_cand.any()):
+                cand = plan.may_exit[rows].nonzero().squeeze(1)   # active-row indices
+                if cand.numel() == 0 or (plan.sync and cand.numel() != int((rows < layout.num_rows).sum())):
                     continue
-                cand = is_cand.nonzero().squeeze(1)
                 head_in = self.e3_head_input(end, h[cand], residual[cand])
-                leave = self._e3_decide(end, head_in, positions[cand], input_ids[rows[cand]])
-                if cfg.policy == "sync" and not (bool(leave.all()) and cand.numel() == rows.numel()):
+                leave = self._e3_decide(end, plan, rows[cand], head_in, positions[cand], tokens[cand])
+                if plan.sync and not bool(leave.all()):
                     continue
                 if not bool(leave.any()):
                     continue
-                gone = cand[leave]                         # active-row indices that exit
+                gone = cand[leave]
                 out[rows[gone]] = head_in[leave]
-                exited_groups.append((end, rows[gone], h[gone] + residual[gone], positions[gone]))
+                exited.append((end, rows[gone], h[gone] + residual[gone], positions[gone]))
                 stats.exited[end] = stats.exited.get(end, 0) + int(gone.numel())
                 keep = torch.ones(rows.numel(), dtype=torch.bool)
                 keep[gone] = False
-                keep &= rows < n                           # padding rows need no more work
-                if not bool(keep.any()):
-                    rows = rows[:0]
-                    break
+                keep &= rows < layout.num_rows             # padding rows need no more work
                 idx = keep.nonzero().squeeze(1)
-                h, residual, positions, rows = h[idx], residual[idx], positions[idx], rows[idx]
+                h, residual, positions, rows, tokens = h[idx], residual[idx], positions[idx], rows[idx], tokens[idx]
+                if rows.numel() == 0:
+                    break
                 view.restrict(rows, torch.unique_consecutive(layout.req_of_row[rows]))
             if rows.numel():
                 out[rows] = model.norm(h, residual)[0]
         finally:
             view.restore()
-        if exited_groups:
-            self._e3_kv_fill(fc, exited_groups)
+        exited = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in exited]
+        exited = [g for g in exited if g[1].numel()]
+        if exited:
+            self._e3_kv_fill(fc, exited)
         return out
 
     def _e3_kv_fill(self, fc, groups) -> None:

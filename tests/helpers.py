@@ -1,0 +1,33 @@
+"""Shared prompts and engine helpers for the tests."""
+import gc
+
+# Prompts of varied length (3..~60 tokens) for greedy comparisons.
+PROMPTS = [
+    "What is the capital of France?",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "Write a haiku about autumn leaves.",
+    "import numpy as np\nimport torch\n\ndef softmax(x):",
+    "Q: What is 12 times 7?\nA:",
+    "List five fruits that are red:",
+    "The quick brown fox",
+    "Explain in one sentence why the sky is blue.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "Translate to French: Good morning, how are you?",
+    "In 1969, the first humans",
+    "Hello",
+    "A recipe for pancakes needs flour, eggs, milk and",
+    "The mitochondria is the powerhouse of the cell. Photosynthesis happens in the chloroplast. "
+    "Cellular respiration releases energy from glucose, and the process",
+]
+
+
+def free_engine(llm) -> None:
+    """Shut an engine down so the next one in the process gets the memory."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()

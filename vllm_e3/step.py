@@ -1,0 +1,49 @@
+"""The one interface between the runner and the E3 model: what the model may
+know about the requests behind the rows of the step it runs.
+
+The runner (`vllm_e3.worker.E3CPUModelRunner`) sets a `StepContext` around
+each model forward; the model reads it with `current_step()`. Row `i` of the
+forward belongs to request `req_ids[j]` where `j` is row `i`'s request in the
+attention metadata's `query_start_loc` order (the input batch's order).
+
+Per-request extras come from `SamplingParams.extra_args`. Test- and
+benchmark-only keys (not part of the user-facing API; they let one engine
+serve many cases, since an engine takes ~25 s to start):
+- `_e3_policy`: "full" (this request never exits) | "token" | "sync"
+- `_e3_force_exit`: {exit point: rate} replacing the engine's synthetic profile
+- `_e3_kv_fill`: False skips the KV fill of this request's exited tokens (to
+  show the tests fail without it)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+TEST_KEYS = ("_e3_policy", "_e3_force_exit", "_e3_kv_fill")
+
+
+@dataclass
+class StepContext:
+    req_ids: list[str] = field(default_factory=list)
+    extra_args: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def has_overrides(self) -> bool:
+        return any(a and any(k in a for k in TEST_KEYS) for a in self.extra_args)
+
+
+_current: StepContext | None = None
+
+
+def current_step() -> StepContext | None:
+    return _current
+
+
+@contextlib.contextmanager
+def step_context(ctx: StepContext):
+    global _current
+    prev, _current = _current, ctx
+    try:
+        yield ctx
+    finally:
+        _current = prev

@@ -1,0 +1,38 @@
+"""Worker and runner subclasses for `--model-impl e3` (CPU, V1 runner).
+
+`E3CPUWorker` is vLLM's CPUWorker whose model runner is `E3CPUModelRunner`
+(cpu_worker.py builds the runner directly, so a worker subclass is the seam).
+The runner wraps each model forward in a `vllm_e3.step.StepContext` naming
+the requests behind the rows; it never reaches into ramps.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .step import StepContext, step_context
+
+
+class E3CPUModelRunner(CPUModelRunner):
+    def _e3_step_context(self) -> StepContext:
+        batch = self.input_batch
+        req_ids = list(batch.req_ids)
+        extras = []
+        for rid in req_ids:
+            state = self.requests.get(rid)
+            sp = state.sampling_params if state is not None else None
+            extras.append(sp.extra_args if sp is not None else None)
+        return StepContext(req_ids, extras)
+
+    def _model_forward(self, *args, **kwargs):
+        with step_context(self._e3_step_context()):
+            return super()._model_forward(*args, **kwargs)
+
+
+class E3CPUWorker(CPUWorker):
+    def init_device(self):
+        super().init_device()
+        if not isinstance(self.model_runner, E3CPUModelRunner) and not self.use_v2_model_runner:
+            self.model_runner = E3CPUModelRunner(self.vllm_config, torch.device("cpu"))
