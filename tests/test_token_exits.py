@@ -33,7 +33,9 @@ def runs(model_dir):
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
     out["eos"] = tok.eos_token_id
+    llm.collective_rpc("e3_reset_exit_stats")
     out["middle"] = _gen(llm, PROMPTS, {"_e3_force_exit": MIDDLE})
+    out["middle_stats"] = llm.collective_rpc("e3_exit_stats")[0]
     out["middle_nofill"] = _gen(llm, PROMPTS, {"_e3_force_exit": MIDDLE, "_e3_kv_fill": False})
     out["zero"] = _gen(llm, PROMPTS, {"_e3_force_exit": {8: 0.0, 15: 0.0, 22: 0.0}})
     out["one15"] = _gen(llm, PROMPTS, {"_e3_force_exit": {15: 1.0}})
@@ -85,6 +87,10 @@ def test_token_matches_reference(runs, ref):
         exits_seen.update(w for w in where if w is not None)
         assert got == want
     assert exits_seen == set(EXITS)          # rows left at every exit
+    stats = runs["middle_stats"]
+    assert set(stats["exited"]) == set(EXITS)
+    assert stats["mixed_exit_steps"] > 0       # ... at different exits in one step
+    assert stats["layers_run"] < stats["layers_full"]
     assert runs["middle"] != runs["vanilla"]  # and it changed the output
 
 

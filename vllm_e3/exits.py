@@ -227,6 +227,7 @@ class ExitStats:
     layers_run: int = 0          # sum over rows of decoder layers run
     layers_full: int = 0         # the same had no row exited
     kv_fill_rows: int = 0        # sum over exited rows of layers filled
+    mixed_exit_steps: int = 0    # steps whose tokens left at two or more exits
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,3 +36,20 @@ class E3CPUWorker(CPUWorker):
         super().init_device()
         if not isinstance(self.model_runner, E3CPUModelRunner) and not self.use_v2_model_runner:
             self.model_runner = E3CPUModelRunner(self.vllm_config, torch.device("cpu"))
+
+    # ---- offline introspection by name (llm.collective_rpc, vllm_e3.stats)
+    def _e3_model(self):
+        return self.model_runner.get_model()
+
+    def e3_model_class(self) -> str:
+        return type(self._e3_model()).__name__
+
+    def e3_exit_stats(self) -> dict | None:
+        from .stats import exit_stats
+
+        return exit_stats(self._e3_model())
+
+    def e3_reset_exit_stats(self) -> None:
+        from .stats import reset_exit_stats
+
+        reset_exit_stats(self._e3_model())

@@ -174,6 +174,7 @@ class E3CausalLMMixin:
                 out[rows] = model.norm(h, residual)[0]
         finally:
             view.restore()
+        stats.mixed_exit_steps += len(exited) > 1
         exited = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in exited]
         exited = [g for g in exited if g[1].numel()]
         if exited:

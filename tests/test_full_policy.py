@@ -1,0 +1,27 @@
+"""Policy `full` (and a model without e3/) is vanilla vLLM token for token."""
+from helpers import PROMPTS, free_engine
+
+
+def _ids(llm, max_tokens=32):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+
+
+def test_full_policy_equals_vanilla(model_dir):
+    from vllm import LLM
+
+    common = dict(enforce_eager=True, max_num_seqs=16, seed=0)
+    vanilla = LLM(model_dir, **common)
+    want = _ids(vanilla)
+    free_engine(vanilla)
+    # exits configured, identity ramps, but policy full: nothing exits
+    e3 = LLM(model_dir, model_impl="e3", **common,
+             additional_config={"e3": {"policy": "full", "exits": [8, 15, 22]}})
+    assert e3.collective_rpc("e3_model_class") == ["E3LlamaForCausalLM"]
+    got = _ids(e3)
+    assert e3.collective_rpc("e3_exit_stats")[0]["exited"] == {}
+    free_engine(e3)
+    assert len(want) == 16 and all(len(w) > 0 for w in want)
+    assert got == want
