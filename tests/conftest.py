@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this once, at its first import (vLLM imports it too): the
+# kernel tests run the Triton kernels on the CPU through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(scope="session")
 def model_dir():

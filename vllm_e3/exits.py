@@ -150,19 +150,25 @@ class AttentionView:
         self.fc.slot_mapping = self.orig_slots
 
 
-def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  kv_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
     """Write layer's K/V for tokens that skipped it, from their pre-ramp state.
 
     x [m, d]: hidden + residual after the token's exit layer (what the first
     skipped layer would have read); positions [m]; slots [m] cache slots.
+    kv_weight: the (weight [2 * kv_size, d], bias) rows of qkv_proj for K and V,
+    or None to run the whole qkv_proj.
     Reuses the layer's own modules: input norm -> qkv_proj -> (k_norm) ->
     RoPE on K alone -> the backend's cache write, so the write is the one the
     full layer would make from that state.
     """
     attn = layer.self_attn
     h = layer.input_layernorm(x)
-    qkv, _ = attn.qkv_proj(h)
-    _, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    if kv_weight is not None:  # the K/V rows of qkv_proj alone (E3 model keeps them)
+        k, v = torch.nn.functional.linear(h, *kv_weight).split([attn.kv_size, attn.kv_size], dim=-1)
+    else:
+        qkv, _ = attn.qkv_proj(h)
+        _, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     head_dim = attn.head_dim
     if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm on K before RoPE
         k = attn.k_norm(k.reshape(-1, attn.num_kv_heads, head_dim)).reshape(k.shape)

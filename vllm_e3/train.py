@@ -176,6 +176,7 @@ class Captured:
     """Teacher-forced states of the decode rows of a corpus."""
     exits: tuple[int, ...]
     states: dict[int, torch.Tensor]  # e -> [N, d] bf16, residual stream after layer e-1
+    final: torch.Tensor              # [N, d] bf16, residual stream after the last layer (pre-norm)
     top_lp: torch.Tensor             # [N, K] fp32, final log-probs, descending
     top_ids: torch.Tensor            # [N, K] int64, their token ids (top_ids[:, 0] = final top-1)
     served: torch.Tensor             # [N] int64, the token vLLM generated next (bf16 serving)
@@ -186,7 +187,7 @@ class Captured:
         return self.top_ids.shape[0]
 
     def rows(self, mask: torch.Tensor) -> "Captured":
-        return Captured(self.exits, {e: s[mask] for e, s in self.states.items()},
+        return Captured(self.exits, {e: s[mask] for e, s in self.states.items()}, self.final[mask],
                         self.top_lp[mask], self.top_ids[mask], self.served[mask], self.seq[mask])
 
 
@@ -208,37 +209,39 @@ def decoder_layers(model):
 @torch.no_grad()
 def capture(model, corpus: Corpus, exits, *, top_k: int = TOP_K, progress: bool = True) -> Captured:
     """One forward per sequence; hooks read the output of layer e-1 (HF decoder
-    layers return the full residual stream), the LM head gives the final
-    distribution. Rows: generated tokens 0..g-2 as inputs (each predicts the
-    next generated token); the first generated token comes from the prefill."""
+    layers return the full residual stream) at each exit and after the last
+    layer; the LM head runs on the decode rows only. Rows: generated tokens
+    0..g-2 as inputs (each predicts the next generated token; the first
+    generated token comes from the prefill, which never exits)."""
     exits = tuple(sorted(exits))
     layers = decoder_layers(model)
+    L = len(layers)
     grabbed: dict[int, torch.Tensor] = {}
     hooks = [layers[e - 1].register_forward_hook(
         lambda mod, args, out, e=e: grabbed.__setitem__(e, out[0] if isinstance(out, tuple) else out))
-        for e in exits]
-    states = {e: [] for e in exits}
+        for e in (*exits, L)]
+    states = {e: [] for e in (*exits, L)}
     top_lp, top_ids, served, seq = [], [], [], []
     try:
         it = list(zip(corpus.prompt_ids, corpus.gen_ids))
         for i, (p, g) in enumerate(_tqdm(it, desc="capture", disable=not progress)):
             if len(g) < 2:
                 continue
-            ids = torch.tensor([p + g])
-            logits = model(input_ids=ids).logits[0].float()      # [T, V]
             lo, hi = len(p), len(p) + len(g) - 1                   # decode rows
-            lp = torch.log_softmax(logits[lo:hi], dim=-1)
+            normed = model.model(input_ids=torch.tensor([p + g])).last_hidden_state[0, lo:hi]
+            lp = torch.log_softmax(model.lm_head(normed).float(), dim=-1)   # [n, V]
             v, k = lp.topk(top_k, dim=-1)
             top_lp.append(v)
             top_ids.append(k)
             served.append(torch.tensor(g[1:]))
             seq.append(torch.full((hi - lo,), i, dtype=torch.int32))
-            for e in exits:
+            for e in states:
                 states[e].append(grabbed[e][0, lo:hi].to(torch.bfloat16))
     finally:
         for h in hooks:
             h.remove()
-    return Captured(exits, {e: torch.cat(s) for e, s in states.items()},
+    final = torch.cat(states.pop(L))
+    return Captured(exits, {e: torch.cat(s) for e, s in states.items()}, final,
                     torch.cat(top_lp), torch.cat(top_ids), torch.cat(served), torch.cat(seq))
 
 
@@ -246,7 +249,7 @@ def save_captured(path: str, c: Captured, data_hash: str) -> None:
     from safetensors.torch import save_file
 
     t = {f"state.{e}": s for e, s in c.states.items()}
-    t.update(top_lp=c.top_lp, top_ids=c.top_ids, served=c.served, seq=c.seq)
+    t.update(final=c.final, top_lp=c.top_lp, top_ids=c.top_ids, served=c.served, seq=c.seq)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in t.items()}, path + ".tmp",
               metadata={"format": CAPTURE_FORMAT, "exits": json.dumps(list(c.exits)),
@@ -261,7 +264,7 @@ def load_captured(path: str) -> Captured:
     with safe_open(path, framework="pt") as f:
         exits = tuple(json.loads(f.metadata()["exits"]))
     t = load_file(path)
-    return Captured(exits, {e: t[f"state.{e}"] for e in exits}, t["top_lp"], t["top_ids"],
+    return Captured(exits, {e: t[f"state.{e}"] for e in exits}, t["final"], t["top_lp"], t["top_ids"],
                     t["served"], t["seq"])
 
 
@@ -269,7 +272,7 @@ def captured_cached(model, model_dir_hash: str, corpus: Corpus, exits, *,
                     cache_dir: str | None = None, progress: bool = True) -> Captured:
     """`capture`, cached under (model, corpus, exits)."""
     key = _sha({"model": model_dir_hash, "data": corpus.data_hash(), "exits": sorted(exits),
-                "top_k": TOP_K, "v": 1})
+                "top_k": TOP_K, "v": 2})
     path = os.path.join(cache_dir or cache_root(), f"capture-{key[:16]}.safetensors")
     if os.path.isfile(path):
         with contextlib.suppress(Exception):

@@ -33,6 +33,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import RAMPS_FILENAME, e3_config_from_vllm, e3_dir
 from ..exits import AttentionView, ExitPlan, ExitStats, RowLayout, forced_exit_mask, kv_fill_layer
+from ..kernels import compact, exit_confidence, gate_confidence
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, validate_ramps
 
@@ -78,7 +79,25 @@ class E3CausalLMMixin:
                 for key, param in ramp.param_items(int(e)):
                     param.data.copy_(tensors[key].to(param.dtype))
         loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
+        self._e3_capture_kv_weights()
         return loaded
+
+    def _e3_capture_kv_weights(self) -> None:
+        """Keep each layer's K/V rows of `qkv_proj` for the KV fill, which
+        needs K and V only (Q is ~60% of the projection on GQA models). Taken
+        now, before vLLM's CPU path may repack the weight for oneDNN; skipped
+        (full qkv_proj used) for quantized projections."""
+        self.e3_kv_weights = []
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            proj = attn.qkv_proj
+            w = getattr(proj, "weight", None)
+            if type(proj.quant_method).__name__ != "UnquantizedLinearMethod" or w is None or w.ndim != 2:
+                self.e3_kv_weights.append(None)
+                continue
+            b = getattr(proj, "bias", None)
+            self.e3_kv_weights.append((w[attn.q_size:].detach().clone(),
+                                       None if b is None else b[attn.q_size:].detach().clone()))
 
     # ---- forward -------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
@@ -113,8 +132,6 @@ class E3CausalLMMixin:
         thr = plan.threshold[e][cand_rows]
         scored = ~forced & torch.isfinite(thr)
         if bool(scored.any()):
-            from ..kernels import exit_confidence, gate_confidence
-
             idx = scored.nonzero().squeeze(1)
             x = head_in[idx]
             if self.e3.confidence == "gate":
@@ -162,13 +179,16 @@ class E3CausalLMMixin:
                 out[rows[gone]] = head_in[leave]
                 exited.append((end, rows[gone], h[gone] + residual[gone], positions[gone]))
                 stats.exited[end] = stats.exited.get(end, 0) + int(gone.numel())
-                keep = torch.ones(rows.numel(), dtype=torch.bool)
+                keep = rows < layout.num_rows              # padding rows need no more work
                 keep[gone] = False
-                keep &= rows < layout.num_rows             # padding rows need no more work
-                idx = keep.nonzero().squeeze(1)
-                h, residual, positions, rows, tokens = h[idx], residual[idx], positions[idx], rows[idx], tokens[idx]
-                if rows.numel() == 0:
+                c = compact(keep, h, residual, positions)  # fused gather (kernels/compact.py)
+                m = int(c.num_keep)
+                if m == 0:
+                    rows = rows[:0]
                     break
+                idx = c.keep_idx[:m]
+                h, residual, positions = c.hidden[:m], c.residual[:m], c.positions[:m]
+                rows, tokens = rows[idx], tokens[idx]
                 view.restrict(rows, torch.unique_consecutive(layout.req_of_row[rows]))
             if rows.numel():
                 out[rows] = model.norm(h, residual)[0]
@@ -195,7 +215,7 @@ class E3CausalLMMixin:
                 x_all, p_all, r_all = torch.cat(states), torch.cat(pos), torch.cat(rows)
             layer = model.layers[l]
             slots = fc.slot_mapping[layer.self_attn.attn.layer_name][r_all]
-            kv_fill_layer(layer, x_all, p_all, slots)
+            kv_fill_layer(layer, x_all, p_all, slots, self.e3_kv_weights[l])
             self.e3_stats.kv_fill_rows += int(r_all.numel())
 
 
