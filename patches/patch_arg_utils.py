@@ -8,8 +8,11 @@ config, in the front-end process, before any engine process starts. With
 - reads and validates the E3 config (model dir + `additional_config["e3"]`)
   and the ramps file against the model, so bad input fails with a message
   that names it and no half-started server;
-- defaults `worker_cls` to vllm_e3's (the runner that tells the model which
-  requests its rows belong to);
+- defaults `worker_cls` and `scheduler_cls` to vllm_e3's (the runner tells
+  the model which requests its rows belong to and drops parked rows' tokens;
+  the scheduler reschedules parked requests at the same position);
+- turns prefix caching off under policy e3 (a parked token's deep-layer KV is
+  written only when it resumes);
 - runs the exit path eagerly (`enforce_eager`) when exits can fire: the stage
   loop changes the token count inside the forward, which vLLM's single
   compiled graph cannot express. Policy `full` keeps vLLM's compile default.
@@ -24,6 +27,7 @@ from . import wrap_method
 logger = logging.getLogger("vllm.e3")
 
 E3_WORKER_CLS = "vllm_e3.worker.E3CPUWorker"
+E3_SCHEDULER_CLS = "vllm_e3.scheduler.E3Scheduler"
 
 
 def check_e3_engine(engine_args):
@@ -58,12 +62,22 @@ def check_against_model(e3cfg, vllm_config) -> None:
 
 
 def _make(orig):
+    from vllm.config import SchedulerConfig
+
     def wrapper(self, *args, **kwargs):
         if getattr(self, "model_impl", None) != "e3":
             return orig(self, *args, **kwargs)
         e3cfg = check_e3_engine(self)
         if self.worker_cls == "auto":
             self.worker_cls = E3_WORKER_CLS
+        if self.scheduler_cls in (None, SchedulerConfig.scheduler_cls):
+            self.scheduler_cls = E3_SCHEDULER_CLS
+        if e3cfg.policy == "e3" and self.enable_prefix_caching is not False:
+            # A parked token's deep-layer KV is written only when it resumes:
+            # a prefix-cache hit in between would read holes.
+            logger.info("vllm-e3: policy e3 turns prefix caching off (parked tokens' "
+                        "deep-layer KV is written when they resume)")
+            self.enable_prefix_caching = False
         if e3cfg.exits_active and not self.enforce_eager:
             logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
             self.enforce_eager = True

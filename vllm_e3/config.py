@@ -53,6 +53,12 @@ class E3Config:
     force_exit: dict[int, float] = field(default_factory=dict)
     # Seed of the synthetic profile's hash.
     seed: int = 0
+    # Policy e3: a stage runs only when at least this many tokens would run it
+    # (an int for every stage after the first, or one per exit point: the
+    # stage that starts there); smaller groups park and resume later.
+    target_batch: int | tuple[int, ...] = 32
+    # Policy e3: the most steps one token may wait parked, in total.
+    max_park_steps: int = 4
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -101,6 +107,17 @@ class E3Config:
                 f"{source}: unknown confidence measure {conf!r}; choose one of {list(CONFIDENCE_MEASURES)}"
             )
         kw["force_exit"] = _parse_force_exit(kw.get("force_exit") or {}, exits, source)
+        tb = kw.get("target_batch", 32)
+        if isinstance(tb, list):
+            if len(tb) != len(exits) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tb):
+                raise E3ConfigError(
+                    f"{source}: 'target_batch' must be a non-negative integer or a list of one per exit, got {tb!r}")
+            kw["target_batch"] = tuple(tb)
+        elif isinstance(tb, bool) or not isinstance(tb, int) or tb < 0:
+            raise E3ConfigError(f"{source}: 'target_batch' must be a non-negative integer, got {tb!r}")
+        mps = kw.get("max_park_steps", 4)
+        if isinstance(mps, bool) or not isinstance(mps, int) or mps < 0:
+            raise E3ConfigError(f"{source}: 'max_park_steps' must be a non-negative integer, got {mps!r}")
         seed = kw.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise E3ConfigError(f"{source}: 'seed' must be an integer, got {seed!r}")
@@ -111,6 +128,7 @@ class E3Config:
         d["exits"] = list(self.exits)
         d["thresholds"] = list(self.thresholds)
         d["force_exit"] = {str(k): v for k, v in self.force_exit.items()}
+        d["target_batch"] = self.target_batch if isinstance(self.target_batch, int) else list(self.target_batch)
         return d
 
     # ---- checks against the model --------------------------------------
@@ -128,6 +146,11 @@ class E3Config:
         # Per-request knobs can turn thresholds on, so any exit under a
         # non-full policy makes the stage loop run.
         return self.policy != "full" and bool(self.exits)
+
+    def target_at(self, e: int) -> int:
+        """Target batch of the stage that starts at exit point `e`."""
+        tb = self.target_batch
+        return tb if isinstance(tb, int) else tb[self.exits.index(e)]
 
     def stages(self, num_layers: int) -> list[tuple[int, int]]:
         """Layer ranges [start, end) between consecutive exit points."""

@@ -185,6 +185,43 @@ def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.
 
 
 @dataclass
+class Active:
+    """The rows running the current stage, compacted, in forward-row order."""
+    rows: torch.Tensor        # [M] forward row of each active row (ascending)
+    h: torch.Tensor           # [M, d]
+    residual: torch.Tensor | None   # [M, d] (None before the first layer)
+    positions: torch.Tensor   # [M]
+    tokens: torch.Tensor      # [M] input token ids
+    waited: torch.Tensor      # [M] int: steps this token has waited parked
+
+    def take(self, idx: torch.Tensor) -> "Active":
+        return Active(self.rows[idx], self.h[idx],
+                      None if self.residual is None else self.residual[idx],
+                      self.positions[idx], self.tokens[idx], self.waited[idx])
+
+    def merge(self, other: "Active") -> "Active":
+        """Union with `other` (disjoint rows), kept in forward-row order so the
+        sliced attention metadata stays in request order."""
+        rows = torch.cat([self.rows, other.rows])
+        order = torch.argsort(rows)
+        cat = lambda a, b: torch.cat([a, b])[order]
+        return Active(rows[order], cat(self.h, other.h), cat(self.residual, other.residual),
+                      cat(self.positions, other.positions), cat(self.tokens, other.tokens),
+                      cat(self.waited, other.waited))
+
+
+@dataclass
+class Parked:
+    """A token waiting at the start of stage `start` (policy e3)."""
+    start: int                # exit point where it resumes
+    h: torch.Tensor           # [d] pre-ramp hidden after layer start-1
+    residual: torch.Tensor    # [d]
+    position: int
+    token: int
+    waited: int               # steps waited so far, this one included
+
+
+@dataclass
 class ExitPlan:
     """Per-row exit rules of one step, from the engine's E3Config and the
     requests' extras (vllm_e3.step). Rows index the forward's rows."""
@@ -193,6 +230,7 @@ class ExitPlan:
     rate: dict[int, torch.Tensor]          # exit -> [N] forced rate, NaN = not forced
     threshold: dict[int, torch.Tensor]     # exit -> [N] fp32 confidence threshold, inf = never
     kv_fill: torch.Tensor                  # [N] bool
+    may_park: torch.Tensor                 # [N] bool: decode row under policy e3
 
     @classmethod
     def build(cls, cfg, layout: "RowLayout", n_rows: int, step) -> "ExitPlan":
@@ -221,7 +259,9 @@ class ExitPlan:
             rate[e] = per_row([f.get(e, float("nan")) for f in force], torch.float32, float("nan"))
             threshold[e] = torch.full((n_rows,), float("inf") if t is None else t, dtype=torch.float32)
         sync = num_reqs > 0 and all(p == "sync" for p in policy)
-        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True))
+        # parking needs the E3 runner (step context) to reschedule the request
+        may_park = per_row([p == "e3" and step is not None for p in policy], torch.bool, False) & decode
+        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True), may_park)
 
 
 @dataclass
@@ -234,6 +274,11 @@ class ExitStats:
     layers_full: int = 0         # the same had no row exited
     kv_fill_rows: int = 0        # sum over exited rows of layers filled
     mixed_exit_steps: int = 0    # steps whose tokens left at two or more exits
+    parked: int = 0              # tokens parked (a token parked twice counts twice)
+    resumed: int = 0             # parked tokens that resumed where they stopped
+    park_wait_hist: dict[int, int] = dataclasses.field(default_factory=dict)  # steps waited -> tokens
+    stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> rows run
+    stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> times run
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

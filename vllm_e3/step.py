@@ -9,7 +9,7 @@ attention metadata's `query_start_loc` order (the input batch's order).
 Per-request extras come from `SamplingParams.extra_args`. Test- and
 benchmark-only keys (not part of the user-facing API; they let one engine
 serve many cases, since an engine takes ~25 s to start):
-- `_e3_policy`: "full" (this request never exits) | "token" | "sync"
+- `_e3_policy`: "full" (this request never exits) | "token" | "sync" | "e3"
 - `_e3_force_exit`: {exit point: rate} replacing the engine's synthetic profile
 - `_e3_kv_fill`: False skips the KV fill of this request's exited tokens (to
   show the tests fail without it)
@@ -27,6 +27,11 @@ TEST_KEYS = ("_e3_policy", "_e3_force_exit", "_e3_kv_fill")
 class StepContext:
     req_ids: list[str] = field(default_factory=list)
     extra_args: list[dict[str, Any] | None] = field(default_factory=list)
+    # Set by the model: requests whose token of this step was parked (policy
+    # e3). The runner drops their sampled token; the scheduler reschedules
+    # them at the same position, and the model resumes them where they
+    # stopped.
+    parked_req_ids: list[str] = field(default_factory=list)
 
     def has_overrides(self) -> bool:
         return any(a and any(k in a for k in TEST_KEYS) for a in self.extra_args)

@@ -352,36 +352,67 @@ def ramp_eval(ramp: Ramp | None, x: torch.Tensor, head: FrozenHead, top_lp=None,
     return {k: torch.cat(v) for k, v in outs.items() if v}
 
 
-def train_ramp(x: torch.Tensor, top_lp: torch.Tensor, top_ids: torch.Tensor, head: FrozenHead, *,
-               rank: int, steps: int, batch: int, lr: float, seed: int, desc: str = "ramp",
-               progress: bool = True) -> tuple[Ramp, list[float]]:
-    """x [N, d] (bf16 ok) -> a trained Ramp; returns (ramp, per-step losses)."""
+def logit_metric(head: FrozenHead) -> torch.Tensor:
+    """G [d, d] with  d^T G d = mean_v (centered logit difference)^2  for a
+    head-input difference d: G = (W^T W - V wbar wbar^T) / V. Softmax ignores a
+    shift of all logits, hence the centring. One [d, d] matrix stands in for
+    the [V, d] head, so a step of phase 1 costs O(B d^2), not O(B d V)."""
+    W = head.weight
+    V = W.shape[0]
+    wbar = W.mean(0)
+    return (W.T @ W - V * torch.outer(wbar, wbar)) / V
+
+
+def _schedule(opt, steps: int, warmup: int = 10):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+
+
+def train_ramp(x: torch.Tensor, final: torch.Tensor, top_lp: torch.Tensor, top_ids: torch.Tensor,
+               head: FrozenHead, *, rank: int, mse_steps: int, steps: int, batch: int, lr: float,
+               seed: int, desc: str = "ramp", progress: bool = True) -> tuple[Ramp, dict[str, list[float]]]:
+    """x [N, d] exit states, final [N, d] last-layer states (bf16 ok) -> a trained Ramp.
+
+    Phase 1 (`mse_steps`, batch 4x): regress the ramp's head input onto the
+    model's own final head input in the centred-logit metric `logit_metric`
+    (full vocabulary, exact, cheap) -- a fast, well-conditioned start.
+    Phase 2 (`steps`): KL(final || ramp) through the full-vocabulary softmax,
+    which puts the weight on the tokens that carry probability.
+    Returns (ramp, {"mse": losses, "kl": losses})."""
     torch.manual_seed(seed)
     ramp = new_ramp(x.shape[1], rank, head.eps, seed)
-    opt = torch.optim.AdamW(ramp.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    order = torch.randperm(n, generator=g)
-    pos, losses = 0, []
-    bar = _tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    hist: dict[str, list[float]] = {"mse": [], "kl": []}
+    if mse_steps:
+        G = logit_metric(head)
+        opt = torch.optim.AdamW(ramp.parameters(), lr=lr, weight_decay=0.0)
+        sched = _schedule(opt, mse_steps, warmup=20)
+        for _ in _tqdm(range(mse_steps), desc=f"{desc} mse", disable=not progress, leave=False):
+            idx = torch.randint(0, n, (4 * batch,), generator=g)
+            dlt = head.head_in(ramp(x[idx].float())) - head.head_in(final[idx].float())  # [B, d]
+            loss = ((dlt @ G) * dlt).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist["mse"].append(loss.item())
+    opt = torch.optim.AdamW(ramp.parameters(), lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    bar = _tqdm(range(steps), desc=f"{desc} kl", disable=not progress, leave=False)
     for _ in bar:
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + batch]
-        pos += batch
+        idx = torch.randint(0, n, (batch,), generator=g)
         logq = torch.log_softmax(head.logits(head.head_in(ramp(x[idx].float()))), dim=-1)
         loss = topk_kl(top_lp[idx], top_ids[idx], logq)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
-        bar.set_postfix(kl=f"{losses[-1]:.3f}")
+        hist["kl"].append(loss.item())
+        bar.set_postfix(kl=f"{hist['kl'][-1]:.3f}")
     for p in ramp.parameters():
         p.requires_grad_(False)
-    return ramp, losses
+    return ramp, hist
 
 
 # ---- 4. gate ------------------------------------------------------------------------

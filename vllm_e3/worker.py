@@ -26,9 +26,29 @@ class E3CPUModelRunner(CPUModelRunner):
             extras.append(sp.extra_args if sp is not None else None)
         return StepContext(req_ids, extras)
 
+    def _update_states(self, scheduler_output):
+        # Finished and aborted requests drop their parked state now (the
+        # model also drops any state a step does not resume, e.g. preempted).
+        dropped = scheduler_output.finished_req_ids
+        if dropped:
+            parked = getattr(self.get_model(), "e3_parked", None)
+            if parked:
+                for rid in dropped:
+                    parked.pop(rid, None)
+        return super()._update_states(scheduler_output)
+
     def _model_forward(self, *args, **kwargs):
-        with step_context(self._e3_step_context()):
-            return super()._model_forward(*args, **kwargs)
+        with step_context(self._e3_step_context()) as ctx:
+            out = super()._model_forward(*args, **kwargs)
+        if ctx.parked_req_ids:
+            # A parked row yields no token this step: discard its sample the
+            # way vLLM discards a partial prefill's (_bookkeeping_sync), and
+            # the scheduler (vllm_e3.scheduler) reschedules the same position.
+            index = self.input_batch.req_id_to_index
+            for rid in ctx.parked_req_ids:
+                self.discard_request_mask.np[index[rid]] = True
+            self.discard_request_mask.copy_to_gpu(self.input_batch.num_reqs)
+        return out
 
 
 class E3CPUWorker(CPUWorker):
@@ -48,6 +68,9 @@ class E3CPUWorker(CPUWorker):
         from .stats import exit_stats
 
         return exit_stats(self._e3_model())
+
+    def e3_parked_count(self) -> int:
+        return len(getattr(self._e3_model(), "e3_parked", {}))
 
     def e3_reset_exit_stats(self) -> None:
         from .stats import reset_exit_stats

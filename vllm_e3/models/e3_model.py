@@ -32,7 +32,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..config import RAMPS_FILENAME, e3_config_from_vllm, e3_dir
-from ..exits import AttentionView, ExitPlan, ExitStats, RowLayout, forced_exit_mask, kv_fill_layer
+from ..exits import (Active, AttentionView, ExitPlan, ExitStats, Parked, RowLayout,
+                     forced_exit_mask, kv_fill_layer)
 from ..kernels import compact, exit_confidence, gate_confidence
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, validate_ramps
@@ -66,6 +67,7 @@ class E3CausalLMMixin:
                 raise ValueError(f"E3 config asks for confidence 'gate' but exits {missing} "
                                  f"have no gate tensors in {ramps_path}")
         self.e3_stats = ExitStats()
+        self.e3_parked: dict[str, Parked] = {}   # request id -> its parked token
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
@@ -143,55 +145,56 @@ class E3CausalLMMixin:
         return leave
 
     def _e3_forward(self, fc, input_ids, positions, inputs_embeds):
-        model, stats = self.model, self.e3_stats
+        model, stats, cfg = self.model, self.e3_stats, self.e3
         h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         out = torch.zeros_like(h)                         # [N, d] head input per row
         layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())))
-        plan = ExitPlan.build(self.e3, layout, h.shape[0], current_step())
+        step = current_step()
+        plan = ExitPlan.build(cfg, layout, h.shape[0], step)
         attn_layers = {layer.self_attn.attn.layer_name: layer.self_attn.attn for layer in model.layers}
         view = AttentionView(fc, attn_layers)
-        rows = torch.arange(h.shape[0])                   # [M] forward row of each active row
-        tokens = input_ids
-        residual = None
+        act = Active(torch.arange(h.shape[0]), h, None, positions, input_ids,
+                     torch.zeros(h.shape[0], dtype=torch.long))
+        resume = self._e3_take_resumed(layout, act, step)   # stage start -> Active
+        if resume:
+            resumed_rows = torch.cat([r.rows for r in resume.values()])
+            keep = torch.ones(act.rows.numel(), dtype=torch.bool)
+            keep[resumed_rows] = False
+            act = act.take(keep.nonzero().squeeze(1))
         # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
         exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         n_decode = int(layout.decode_row.sum())
         stats.steps += 1
         stats.decode_tokens += n_decode
         stats.layers_full += n_decode * self.e3_num_layers
+        restricted = bool(resume)
         try:
-            for start, end in self.e3.stages(self.e3_num_layers):
+            for start, end in cfg.stages(self.e3_num_layers):
+                if start in resume:                        # parked tokens rejoin here
+                    act = act.merge(resume.pop(start)) if act.rows.numel() else resume.pop(start)
+                    restricted = True
+                if act.rows.numel() == 0:
+                    continue
+                if restricted:
+                    view.restrict(act.rows, torch.unique_consecutive(layout.req_of_row[act.rows]))
+                    restricted = False
+                h, residual = act.h, act.residual
                 for layer in model.layers[start:end]:
-                    h, residual = layer(positions, h, residual)
-                stats.layers_run += int(plan.may_exit[rows].sum()) * (end - start)
+                    h, residual = layer(act.positions, h, residual)
+                act.h, act.residual = h, residual
+                stats.layers_run += int(plan.may_exit[act.rows].sum()) * (end - start)
+                stats.stage_rows[start] = stats.stage_rows.get(start, 0) + int(act.rows.numel())
+                stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
                 if end == self.e3_num_layers:
                     break
-                cand = plan.may_exit[rows].nonzero().squeeze(1)   # active-row indices
-                if cand.numel() == 0 or (plan.sync and cand.numel() != int((rows < layout.num_rows).sum())):
-                    continue
-                head_in = self.e3_head_input(end, h[cand], residual[cand])
-                leave = self._e3_decide(end, plan, rows[cand], head_in, positions[cand], tokens[cand])
-                if plan.sync and not bool(leave.all()):
-                    continue
-                if not bool(leave.any()):
-                    continue
-                gone = cand[leave]
-                out[rows[gone]] = head_in[leave]
-                exited.append((end, rows[gone], h[gone] + residual[gone], positions[gone]))
-                stats.exited[end] = stats.exited.get(end, 0) + int(gone.numel())
-                keep = rows < layout.num_rows              # padding rows need no more work
-                keep[gone] = False
-                c = compact(keep, h, residual, positions)  # fused gather (kernels/compact.py)
-                m = int(c.num_keep)
-                if m == 0:
-                    rows = rows[:0]
-                    break
-                idx = c.keep_idx[:m]
-                h, residual, positions = c.hidden[:m], c.residual[:m], c.positions[:m]
-                rows, tokens = rows[idx], tokens[idx]
-                view.restrict(rows, torch.unique_consecutive(layout.req_of_row[rows]))
-            if rows.numel():
-                out[rows] = model.norm(h, residual)[0]
+                act, gone = self._e3_exit(end, plan, layout, act, out, exited)
+                restricted |= gone
+                if act.rows.numel() and self._e3_should_park(end, plan, act, resume):
+                    self._e3_park(end, act, resume, layout, step)
+                    act = act.take(act.rows[:0])
+            if act.rows.numel():
+                out[act.rows] = model.norm(act.h, act.residual)[0]
+                self._e3_record_waits(act.waited)
         finally:
             view.restore()
         stats.mixed_exit_steps += len(exited) > 1
@@ -200,6 +203,90 @@ class E3CausalLMMixin:
         if exited:
             self._e3_kv_fill(fc, exited)
         return out
+
+    def _e3_exit(self, e: int, plan: ExitPlan, layout: RowLayout, act: Active, out, exited):
+        """Exit decisions at exit point `e`: exited rows write their head input
+        and are recorded for KV fill; the rest are compacted. Returns the new
+        active set and whether it changed."""
+        cand = plan.may_exit[act.rows].nonzero().squeeze(1)      # active-row indices
+        n_real = int((act.rows < layout.num_rows).sum())
+        if cand.numel() == 0 or (plan.sync and cand.numel() != n_real):
+            return act, False
+        head_in = self.e3_head_input(e, act.h[cand], act.residual[cand])
+        leave = self._e3_decide(e, plan, act.rows[cand], head_in, act.positions[cand], act.tokens[cand])
+        if not bool(leave.any()) or (plan.sync and not bool(leave.all())):
+            return act, False
+        gone = cand[leave]
+        out[act.rows[gone]] = head_in[leave]
+        exited.append((e, act.rows[gone], act.h[gone] + act.residual[gone], act.positions[gone]))
+        self.e3_stats.exited[e] = self.e3_stats.exited.get(e, 0) + int(gone.numel())
+        self._e3_record_waits(act.waited[gone])
+        keep = act.rows < layout.num_rows                 # padding rows need no more work
+        keep[gone] = False
+        c = compact(keep, act.h, act.residual, act.positions)  # fused gather (kernels/compact.py)
+        m = int(c.num_keep)
+        idx = c.keep_idx[:m]
+        return Active(act.rows[idx], c.hidden[:m], c.residual[:m], c.positions[:m],
+                      act.tokens[idx], act.waited[idx]), True
+
+    # ---- E3 regrouping (policy e3) -------------------------------------
+    def _e3_should_park(self, e: int, plan: ExitPlan, act: Active, resume) -> bool:
+        """Park the group continuing past exit `e` when the next stage would
+        run below its target batch, every row may park (decode rows of e3
+        requests: a prompt row makes the stage run anyway), and no token has
+        reached its wait bound."""
+        joining = resume.get(e)
+        n = act.rows.numel() + (joining.rows.numel() if joining is not None else 0)
+        if n >= self.e3.target_at(e) or not bool(plan.may_park[act.rows].all()):
+            return False
+        bound = self.e3.max_park_steps
+        if bool((act.waited >= bound).any()):
+            return False
+        return joining is None or not bool((joining.waited >= bound).any())
+
+    def _e3_park(self, e: int, act: Active, resume, layout: RowLayout, step) -> None:
+        group = act.merge(resume.pop(e)) if e in resume else act
+        req = layout.req_of_row[group.rows].tolist()
+        pos, tok, waited = group.positions.tolist(), group.tokens.tolist(), group.waited.tolist()
+        for i, j in enumerate(req):
+            rid = step.req_ids[j]
+            self.e3_parked[rid] = Parked(e, group.h[i].clone(), group.residual[i].clone(),
+                                         pos[i], tok[i], waited[i] + 1)
+            step.parked_req_ids.append(rid)
+        self.e3_stats.parked += len(req)
+
+    def _e3_take_resumed(self, layout: RowLayout, act: Active, step) -> dict[int, Active]:
+        """Rows of this step that resume a parked token: the same request, a
+        decode row at the same position with the same input token. Every
+        other parked state is dropped (its request finished, was aborted or
+        preempted, or was not scheduled): recomputing such a token from stage
+        0 is always correct, since re-running layers rewrites the same K/V."""
+        parked, self.e3_parked = self.e3_parked, {}
+        if not parked or step is None:
+            return {}
+        qsl = layout.query_start_loc.tolist()
+        by_stage: dict[int, list[tuple[int, Parked]]] = {}
+        for j, rid in enumerate(step.req_ids[:len(qsl) - 1]):
+            st = parked.get(rid)
+            if st is None:
+                continue
+            row = qsl[j]
+            if (qsl[j + 1] - row == 1 and bool(layout.decode_row[row])
+                    and int(act.positions[row]) == st.position and int(act.tokens[row]) == st.token):
+                by_stage.setdefault(st.start, []).append((row, st))
+        out = {}
+        for start, items in by_stage.items():
+            rows = torch.tensor([r for r, _ in items])
+            out[start] = Active(rows, torch.stack([st.h for _, st in items]),
+                                torch.stack([st.residual for _, st in items]), act.positions[rows],
+                                act.tokens[rows], torch.tensor([st.waited for _, st in items]))
+            self.e3_stats.resumed += len(items)
+        return out
+
+    def _e3_record_waits(self, waited: torch.Tensor) -> None:
+        hist = self.e3_stats.park_wait_hist
+        for w in waited[waited > 0].tolist():
+            hist[w] = hist.get(w, 0) + 1
 
     def _e3_kv_fill(self, fc, groups) -> None:
         """KV fill for every layer each exited group skipped; at layer l the
