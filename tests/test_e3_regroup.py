@@ -89,6 +89,7 @@ def test_preemption_under_a_small_kv_cache(model_dir):
 
     engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=16,
                  seed=0, num_gpu_blocks_override=12, block_size=32, max_model_len=256,
+                 disable_log_stats=False,
                  additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 8,
                                            "max_park_steps": MAX_PARK}})
     try:
@@ -99,5 +100,7 @@ def test_preemption_under_a_small_kv_cache(model_dir):
         stats = engine.collective_rpc("e3_exit_stats")[0]
         assert stats["parked"] > 0
         assert engine.collective_rpc("e3_parked_count") == [0]
+        preemptions = sum(m.value for m in engine.get_metrics() if m.name == "vllm:num_preemptions")
+        assert preemptions > 0
     finally:
         free_engine(engine)
