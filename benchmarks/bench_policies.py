@@ -39,7 +39,16 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--policies", default="full,sync,token")
+    ap.add_argument("--policies", default="full,sync,token,e3")
+    ap.add_argument("--profiles", default="none,middle,half@8")
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 by default: on CPUs without AVX-512 (this machine: AVX2 only) "
+                         "bf16 GEMMs are emulated and ~5x slower than fp32")
+    ap.add_argument("--target-batch", type=int, default=None,
+                    help="policy e3's per-stage target batch (default: --batch)")
+    ap.add_argument("--max-park-steps", type=int, default=4)
+    ap.add_argument("--cases", default=None,
+                    help="comma list of policy/profile cases (default: every policy x profile)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -55,8 +64,10 @@ def main() -> None:
                for p in random_prompts(args.batch, args.input_len, 49152)]
     sp = lambda extra=None: SamplingParams(temperature=0, max_tokens=args.output_len,
                                            ignore_eos=True, extra_args=extra)
-    common = dict(enforce_eager=eager, max_num_seqs=max(args.batch, 16), seed=0,
-                  max_num_batched_tokens=max(8192, args.batch * args.input_len))
+    common = dict(enforce_eager=eager, max_num_seqs=max(args.batch, 16), seed=0, dtype=args.dtype,
+                  max_num_batched_tokens=max(8192, args.batch * args.input_len),
+                  disable_log_stats=False)
+    target = args.target_batch or args.batch
     tmp = tempfile.mkdtemp(prefix="e3bench-")
 
     engines = {"vanilla": LLM(model, **common)}
@@ -66,24 +77,28 @@ def main() -> None:
     if "full" in policies:
         engines["full"] = LLM(model, model_impl="e3", **common,
                               additional_config={"e3": {"policy": "full", "exits": EXITS}})
-    if {"sync", "token"} & set(policies):
-        # one engine serves sync and token through the test-only request keys
-        engines["exits"] = LLM(model, model_impl="e3", **common,
-                               additional_config={"e3": {"policy": "token", "exits": EXITS}})
+    if {"sync", "token", "e3"} & set(policies):
+        # one engine serves sync, token and e3 through the test-only request keys
+        engines["exits"] = LLM(model, model_impl="e3", **common, additional_config={"e3": {
+            "policy": "e3", "exits": EXITS, "target_batch": target,
+            "max_park_steps": args.max_park_steps}})
 
     cases = [("vanilla", "vanilla", None), ("vanilla-8L", "vanilla-8L", None),
              ("vanilla-15L", "vanilla-15L", None)]
     if "full" in policies:
         cases.append(("full", "full", None))
-    for pol in ("sync", "token"):
-        if pol in policies:
-            for name, prof in PROFILES.items():
-                cases.append((f"{pol}/{name}", "exits", {"_e3_policy": pol, "_e3_force_exit": prof}))
+    profiles = {k: PROFILES[k] for k in args.profiles.split(",")}
+    wanted = args.cases.split(",") if args.cases else [
+        f"{pol}/{name}" for pol in ("sync", "token", "e3") if pol in policies for name in profiles]
+    for case in wanted:
+        pol, name = case.split("/")
+        cases.append((case, "exits", {"_e3_policy": pol, "_e3_force_exit": PROFILES[name]}))
 
     for name, eng, extra in cases:  # warm-up: first-step costs out of the timings
         engines[eng].generate(prompts[:4], sp(extra), use_tqdm=False)
     times = {c[0]: [] for c in cases}
-    saved = {}
+    tpot = {c[0]: [] for c in cases}
+    saved, stage = {}, {}
     for r in range(args.runs):
         for name, eng, extra in cases:
             if eng == "exits":
@@ -91,9 +106,15 @@ def main() -> None:
             dt, outs = timed(lambda: engines[eng].generate(prompts, sp(extra), use_tqdm=False))
             assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
             times[name].append(dt)
+            for o in outs:
+                m = o.metrics
+                if m is not None and m.num_generation_tokens > 1:
+                    tpot[name].append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
             if eng == "exits":
                 st = engines[eng].collective_rpc("e3_exit_stats")[0]
                 saved[name] = (st["layers_full"] - st["layers_run"], st["decode_tokens"], st["exited"])
+                stage[name] = {s: st["stage_rows"][s] / st["stage_runs"][s] for s in st["stage_runs"]}
+                stage[name]["parked"] = st["parked"]
             print(f"round {r} {name:18s} {dt:7.2f}s", flush=True)
 
     n_out = args.batch * args.output_len
@@ -115,12 +136,19 @@ def main() -> None:
             layers_saved, decode_tokens, _ = saved[name]
             # saved layers counted over decode tokens of one run (+ warm-up-free)
             ideal = tv / (tv - per_layer_token * layers_saved)
+        tp = sorted(tpot[name])
         rows.append({"config": name, "seconds": med[name], "tok_s": n_out / med[name],
                      "ratio_vs_vanilla": ratio, "ideal_ratio": ideal,
                      "fraction_of_ideal": ratio / ideal,
+                     "tpot_p50_ms": 1e3 * tp[len(tp) // 2] if tp else None,
+                     "tpot_p99_ms": 1e3 * tp[min(len(tp) - 1, int(0.99 * len(tp)))] if tp else None,
+                     "mean_stage_batch": stage.get(name),
                      "exited": saved.get(name, (0, 0, {}))[2]})
+    tpv = sorted(tpot["vanilla"])
     result = {
-        "machine": machine(), "model": "SmolLM2-135M-Instruct bf16", "mode": args.mode,
+        "machine": machine(), "model": f"SmolLM2-135M-Instruct {args.dtype}", "mode": args.mode,
+        "target_batch": target, "max_park_steps": args.max_park_steps,
+        "vanilla_tpot_p50_ms": 1e3 * tpv[len(tpv) // 2] if tpv else None,
         "batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
         "runs": args.runs, "exits": EXITS,
         "decoder_layer_ms_per_token_layer": per_layer_token * 1e3,
@@ -128,16 +156,22 @@ def main() -> None:
         "times": times, "rows": rows,
     }
     print(f"\nmachine: {result['machine']}")
-    print(f"model SmolLM2-135M bf16, {args.mode}, batch {args.batch}, {args.input_len} in / "
+    print(f"model SmolLM2-135M {args.dtype}, {args.mode}, batch {args.batch}, {args.input_len} in / "
           f"{args.output_len} out, greedy, median of {args.runs} interleaved runs")
     print(f"decoder layers: {per_layer_token*1e3:.4f} ms per token-layer, "
           f"{layer_share*100:.1f}% of a vanilla step")
-    print(f"{'config':18s} {'tok/s':>8s} {'ratio':>7s} {'ideal':>7s} {'of ideal':>8s}")
-    print(f"{'vanilla':18s} {n_out/tv:8.1f} {1.0:7.3f}")
+    print(f"{'config':18s} {'tok/s':>8s} {'ratio':>7s} {'ideal':>7s} {'of ideal':>8s} "
+          f"{'tpot p50':>9s} {'p99 ms':>8s}  mean stage batch")
+    print(f"{'vanilla':18s} {n_out/tv:8.1f} {1.0:7.3f} {'':7s} {'':8s} "
+          f"{result['vanilla_tpot_p50_ms'] or 0:9.1f}")
     for row in rows:
+        sb = row["mean_stage_batch"] or {}
+        sbs = " ".join(f"{k}:{v:.1f}" for k, v in sb.items())
         print(f"{row['config']:18s} {row['tok_s']:8.1f} {row['ratio_vs_vanilla']:7.3f} "
-              f"{row['ideal_ratio']:7.3f} {row['fraction_of_ideal']:8.3f}")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"policies_{args.mode}.json")
+              f"{row['ideal_ratio']:7.3f} {row['fraction_of_ideal']:8.3f} "
+              f"{row['tpot_p50_ms'] or 0:9.1f} {row['tpot_p99_ms'] or 0:8.1f}  {sbs}")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"policies_{args.mode}_b{args.batch}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(result, open(out, "w"), indent=1)
     print(f"wrote {out}")

@@ -268,7 +268,7 @@ class ExitPlan:
 class ExitStats:
     """Per-worker counters (read by metrics later)."""
     steps: int = 0
-    decode_tokens: int = 0
+    decode_tokens: int = 0       # decode tokens computed (a parked token once)
     exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
     layers_run: int = 0          # sum over rows of decoder layers run
     layers_full: int = 0         # the same had no row exited
@@ -277,8 +277,8 @@ class ExitStats:
     parked: int = 0              # tokens parked (a token parked twice counts twice)
     resumed: int = 0             # parked tokens that resumed where they stopped
     park_wait_hist: dict[int, int] = dataclasses.field(default_factory=dict)  # steps waited -> tokens
-    stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> rows run
-    stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> times run
+    stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> decode rows run
+    stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> runs with decode rows
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -163,7 +163,8 @@ class E3CausalLMMixin:
             act = act.take(keep.nonzero().squeeze(1))
         # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
         exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        n_decode = int(layout.decode_row.sum())
+        # a resumed token was counted in the step that parked it
+        n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
         stats.steps += 1
         stats.decode_tokens += n_decode
         stats.layers_full += n_decode * self.e3_num_layers
@@ -182,9 +183,11 @@ class E3CausalLMMixin:
                 for layer in model.layers[start:end]:
                     h, residual = layer(act.positions, h, residual)
                 act.h, act.residual = h, residual
-                stats.layers_run += int(plan.may_exit[act.rows].sum()) * (end - start)
-                stats.stage_rows[start] = stats.stage_rows.get(start, 0) + int(act.rows.numel())
-                stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
+                n_dec = int(plan.may_exit[act.rows].sum())
+                stats.layers_run += n_dec * (end - start)
+                if n_dec:  # batch sizes a stage ran at, counted in decode tokens
+                    stats.stage_rows[start] = stats.stage_rows.get(start, 0) + n_dec
+                    stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
                 if end == self.e3_num_layers:
                     break
                 act, gone = self._e3_exit(end, plan, layout, act, out, exited)
