@@ -44,19 +44,13 @@ def check_e3_engine(engine_args):
 
 def check_against_model(e3cfg, vllm_config) -> None:
     from vllm_e3.config import RAMPS_FILENAME, e3_dir
-    from vllm_e3.ramps import validate_ramps
+    from vllm_e3.ramps import require_gates, validate_ramps
 
     hf = vllm_config.model_config.hf_config
     e3cfg.validate_for_model(hf.num_hidden_layers)
     ramps = os.path.join(e3_dir(vllm_config.model_config.model), RAMPS_FILENAME)
-    if os.path.exists(ramps):
-        specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size)
-        if e3cfg.confidence == "gate" and e3cfg.exits_active:
-            missing = [e for e, s in specs.items() if not s.has_gate]
-            if missing:
-                raise ValueError(f"E3 confidence 'gate' needs gate tensors for exits {missing} in {ramps}")
-    elif e3cfg.confidence == "gate" and e3cfg.exits_active:
-        raise ValueError("E3 confidence 'gate' needs trained ramps, but the model has no e3/ramps.safetensors")
+    specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size) if os.path.exists(ramps) else {}
+    require_gates(e3cfg, specs, ramps)
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise ValueError("--model-impl e3 does not support pipeline parallelism")
 

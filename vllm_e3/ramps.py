@@ -117,6 +117,15 @@ def validate_ramps(path: str, exits, hidden_size: int) -> dict[int, RampSpec]:
     return specs
 
 
+def require_gates(cfg, specs: dict[int, RampSpec], path: str) -> None:
+    """Confidence `gate` needs a gate at every exit that can fire."""
+    if cfg.confidence != "gate" or not cfg.exits_active:
+        return
+    missing = [e for e in cfg.exits if not (e in specs and specs[e].has_gate)]
+    if missing:
+        raise E3ConfigError(f"E3 confidence 'gate' needs gate tensors for exits {missing} in {path}")
+
+
 def load_ramp_tensors(path: str, exits) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -36,7 +36,7 @@ from ..exits import (Active, AttentionView, ExitPlan, ExitStats, Parked, RowLayo
                      forced_exit_mask, kv_fill_layer)
 from ..kernels import compact, exit_confidence, gate_confidence
 from ..step import current_step
-from ..ramps import Ramp, load_ramp_tensors, validate_ramps
+from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
 
 logger = logging.getLogger("vllm.e3")
 
@@ -61,11 +61,7 @@ class E3CausalLMMixin:
                          specs[e].has_gate if e in specs else False, eps)
             for e in self.e3.exits
         })
-        if self.e3.confidence == "gate" and self.e3.exits_active:
-            missing = [e for e in self.e3.exits if not self.e3_ramps[str(e)].has_gate]
-            if missing:
-                raise ValueError(f"E3 config asks for confidence 'gate' but exits {missing} "
-                                 f"have no gate tensors in {ramps_path}")
+        require_gates(self.e3, specs, ramps_path)
         self.e3_stats = ExitStats()
         self.e3_parked: dict[str, Parked] = {}   # request id -> its parked token
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
