@@ -96,3 +96,20 @@ def test_unsupported_architecture_message():
     assert "GPT2LMHeadModel" in msg
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert arch in msg
+
+
+def test_one_copy_of_the_namespaced_packages():
+    """kernels/ and patches/ are installed as vllm_e3.kernels / vllm_e3.patches
+    (editable: this checkout's folders), and not as top-level modules."""
+    import importlib.util
+    import pathlib
+
+    import vllm_e3.kernels
+    import vllm_e3.patches
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    assert pathlib.Path(vllm_e3.kernels.__file__).resolve() == repo / "kernels" / "__init__.py"
+    assert pathlib.Path(vllm_e3.patches.__file__).resolve() == repo / "patches" / "__init__.py"
+    for top in ("kernels", "patches"):
+        spec = importlib.util.find_spec(top)
+        assert spec is None or not str(spec.origin).startswith(str(repo)), top
