@@ -101,7 +101,6 @@ def test_unsupported_architecture_message():
 def test_one_copy_of_the_namespaced_packages():
     """kernels/ and patches/ are installed as vllm_e3.kernels / vllm_e3.patches
     (editable: this checkout's folders), and not as top-level modules."""
-    import importlib.util
     import pathlib
 
     import vllm_e3.kernels
@@ -110,6 +109,12 @@ def test_one_copy_of_the_namespaced_packages():
     repo = pathlib.Path(__file__).resolve().parent.parent
     assert pathlib.Path(vllm_e3.kernels.__file__).resolve() == repo / "kernels" / "__init__.py"
     assert pathlib.Path(vllm_e3.patches.__file__).resolve() == repo / "patches" / "__init__.py"
-    for top in ("kernels", "patches"):
-        spec = importlib.util.find_spec(top)
-        assert spec is None or not str(spec.origin).startswith(str(repo)), top
+    # outside the checkout (python -m puts the cwd on sys.path) the install
+    # provides no top-level `kernels` / `patches` of ours
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u; "
+            "print([str((u.find_spec(m) or 0) and u.find_spec(m).origin) for m in ('kernels', 'patches')])")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True).stdout
+    assert str(repo) not in out, out
