@@ -4,6 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# vLLM 0.32.0 CPU's torch.compile'd bf16 graph decodes wrong tokens on
+# AVX2-only CPUs (this project's machines: vanilla vLLM answers "What is the
+# capital of France?" with "L'Étoile, la Marseillaise, ..." compiled and
+# "The capital of France is Paris." eager), so the default server runs eager.
+# SERVE_FLAGS= brings vLLM's default back.
+SERVE_FLAGS ?= --enforce-eager
 # KV cache for CPU engines, GiB (vLLM claims most of the RAM otherwise).
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 export VLLM_TARGET_DEVICE := cpu
@@ -20,7 +26,7 @@ serve: prepare
 	@MODEL=$$($(BIN)/vllm-e3 prepare --quiet | tail -n 1); \
 	echo "serving $$MODEL on http://$(HOST):$(PORT) with --model-impl e3"; \
 	exec $(BIN)/vllm serve "$$MODEL" --model-impl e3 --host $(HOST) --port $(PORT) \
-	  --served-model-name smollm2-135m-instruct $(ARGS)
+	  --served-model-name smollm2-135m-instruct $(SERVE_FLAGS) $(ARGS)
 
 test: prepare
 	@$(BIN)/python -m pytest -q --import-mode=importlib tests $(PYTEST_ARGS)
