@@ -1,0 +1,298 @@
+"""`vllm-e3 train` / `vllm-e3 calibrate` on a tiny random Llama (no vLLM engine).
+
+The corpus generator is a stand-in (the train pipeline takes `generate=`):
+fixed random continuations, teacher-forced like any text; the free-running
+test uses the tiny model's greedy decode through transformers. Everything else
+-- capture, training, gate, artifact, calibration math -- is the code the
+commands run. One torch thread: tiny ops on a loaded 2-core machine run far
+faster without OpenMP hand-offs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from vllm_e3.calibrate import (Costs, Scores, calibrate_scores, cp_upper, binom_cdf, free_run,
+                               load_ramps, simulate)
+from vllm_e3.config import E3Config, E3ConfigError
+from vllm_e3.ramps import model_hash, read_ramps_header, validate_ramps
+from vllm_e3.train import (Corpus, FrozenHead, Recipe, builtin_prompts, capture, load_base, ramp_eval,
+                           topk_kl, train, train_ramp)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPARED = os.path.expanduser(os.path.join(os.environ.get("VLLM_E3_HOME", "~/.cache/vllm-e3"),
+                                           "SmolLM2-135M-Instruct"))
+ARTIFACT = os.path.join(REPO, "artifacts", "smollm2-135m", "e3")
+L_TINY, D_TINY, V_TINY = 4, 64, 512
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 4-layer Llama (d=64, vocab 512, tied head) saved as a HF dir.
+    A wide init makes its distributions peaked enough for top-1 to mean something."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V_TINY, hidden_size=D_TINY, intermediate_size=128,
+                      num_hidden_layers=L_TINY, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.25,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def hf_greedy(model_dir, prompt_ids, max_tokens):
+    """Greedy continuations with transformers: the test stand-in for vLLM."""
+    model = load_base(model_dir)
+    out = []
+    for p in prompt_ids:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def tiny_prompts(n, seed=0, lo=2, hi=6):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V_TINY, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def random_continuations(model_dir, prompt_ids, max_tokens):
+    """Corpus stand-in: fixed pseudo-random continuations of each prompt."""
+    return [tiny_prompts(1, seed=1000 + i, lo=max_tokens, hi=max_tokens + 1)[0] for i in range(len(prompt_ids))]
+
+
+@pytest.fixture(scope="module")
+def tiny_captured(tiny_dir):
+    model = load_base(tiny_dir)
+    pids = tiny_prompts(64)
+    corpus = Corpus(pids, random_continuations(tiny_dir, pids, 40))
+    return model, capture(model, corpus, [2, 3], progress=False)
+
+
+# ---- training ------------------------------------------------------------------------------
+def test_training_lowers_loss_and_beats_identity(tiny_captured):
+    model, c = tiny_captured
+    head = FrozenHead.of(model)
+    valid = c.seq >= 48                                            # whole sequences held out
+    tr, va = c.rows(~valid), c.rows(valid)
+    e = 2
+    ramp, hist = train_ramp(tr.states[e], tr.final, tr.top_lp, tr.top_ids, head, rank=32,
+                            mse_steps=300, steps=200, batch=64, lr=1e-2, seed=0, progress=False)
+    assert sum(hist["mse"][-10:]) < sum(hist["mse"][:10])
+    assert sum(hist["kl"][-10:]) < sum(hist["kl"][:10])
+    ident = ramp_eval(None, va.states[e], head, va.top_lp, va.top_ids)
+    trained = ramp_eval(ramp, va.states[e], head, va.top_lp, va.top_ids)
+    assert float(trained["kl"].mean()) < 0.85 * float(ident["kl"].mean())
+    final = va.top_ids[:, 0]                       # random text: the teacher's top-1 is the reference
+    agree_id = float((ident["argmax"] == final).float().mean())
+    agree_tr = float((trained["argmax"] == final).float().mean())
+    assert agree_tr > agree_id + 0.03, (agree_id, agree_tr)
+
+
+def test_capture_rows_are_the_decode_rows(tiny_captured):
+    model, c = tiny_captured
+    # 64 sequences of 40 generated tokens -> 39 decode rows each; served[r] is the token after row r
+    assert c.num_rows == 64 * 39
+    assert c.served[:39].tolist() == random_continuations(None, [0], 40)[0][1:]
+    assert c.final.shape == (c.num_rows, D_TINY) and c.states[2].dtype == torch.bfloat16
+    # the last-layer state through the model's own norm + head gives the teacher
+    head = FrozenHead.of(model)
+    lp = torch.log_softmax(head.logits(head.head_in(c.final[:64].float())), -1)
+    assert float(topk_kl(c.top_lp[:64], c.top_ids[:64], lp)) < 1e-2
+
+
+def test_topk_kl_matches_full_kl_when_k_is_vocab():
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(5, 11, generator=g) * 3, -1)
+    q = torch.log_softmax(torch.randn(5, 11, generator=g) * 3, -1)
+    v, k = p.topk(11, -1)
+    full = (p.exp() * (p - q)).sum(1).mean()
+    assert torch.allclose(topk_kl(v, k, q), full, atol=1e-5)
+
+
+def test_train_end_to_end_writes_a_valid_artifact(tiny_dir, tmp_path):
+    out = tmp_path / "e3"
+    recipe = Recipe(exits=[2, 3], rank=8, max_tokens=16, mse_steps=60, steps=30, batch=64, lr=1e-2)
+    rep = train(tiny_dir, recipe, out_dir=str(out), prompt_ids=tiny_prompts(24, seed=1),
+                cache_dir=str(tmp_path / "cache"), generate=random_continuations, progress=False)
+    path = str(out / "ramps.safetensors")
+    specs = validate_ramps(path, [2, 3], D_TINY)
+    assert all(s.rank == 8 and s.has_gate for s in specs.values())
+    meta, _ = read_ramps_header(path)
+    assert meta["base_model_hash"] == model_hash(tiny_dir)
+    assert json.loads(meta["exits"]) == [2, 3]
+    assert json.loads(meta["recipe"])["rank"] == 8 and len(meta["data_hash"]) == 64
+    assert set(rep["exits"]) == {"2", "3"}
+    # resumable: a rerun finds the corpus and the captured states in the cache
+    cached = sorted(os.listdir(tmp_path / "cache"))
+    assert any(n.startswith("corpus-") for n in cached) and any(n.startswith("capture-") for n in cached)
+
+    def no_generate(*a):
+        raise AssertionError("corpus should come from the cache")
+
+    train(tiny_dir, recipe, out_dir=str(out), prompt_ids=tiny_prompts(24, seed=1),
+          cache_dir=str(tmp_path / "cache"), generate=no_generate, progress=False)
+
+
+# ---- artifact round trip and errors -------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "e3"
+    recipe = Recipe(exits=[1, 3], rank=4, max_tokens=8, mse_steps=10, steps=5, batch=32)
+    train(tiny_dir, recipe, out_dir=str(out), prompt_ids=tiny_prompts(8, seed=2),
+          cache_dir=str(out.parent / "cache"), generate=random_continuations, progress=False)
+    return str(out / "ramps.safetensors")
+
+
+def test_artifact_round_trips(tiny_artifact):
+    from safetensors.torch import load_file
+
+    raw = load_file(tiny_artifact)
+    ramps, meta = load_ramps(tiny_artifact, D_TINY, 1e-6)
+    assert sorted(ramps) == [1, 3]
+    for e, ramp in ramps.items():
+        for key, param in ramp.param_items(e):
+            assert raw[key].dtype == torch.bfloat16
+            assert torch.equal(param.data, raw[key].float())
+    assert meta["format"] == "vllm-e3.ramps/1"
+
+
+def test_wrong_hidden_size_is_a_clear_error(tiny_artifact):
+    with pytest.raises(E3ConfigError, match="ramps.safetensors.*hidden size 128"):
+        validate_ramps(tiny_artifact, [1, 3], 128)
+    with pytest.raises(E3ConfigError, match="ramps.safetensors"):
+        load_ramps(tiny_artifact, 128, 1e-6)
+
+
+def test_corrupt_file_is_a_clear_error(tiny_artifact, tmp_path):
+    bad = tmp_path / "ramps.safetensors"
+    data = open(tiny_artifact, "rb").read()
+    bad.write_bytes(data[: len(data) // 2])                        # truncated
+    with pytest.raises(E3ConfigError, match=str(bad)):
+        load_ramps(str(bad), D_TINY, 1e-6)
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(E3ConfigError, match=str(bad)):
+        validate_ramps(str(bad), [1], D_TINY)
+
+
+# ---- calibration on a planted distribution ---------------------------------------------------
+COSTS = Costs(head=8.0, ramp=0.01, gate=0.001, kv_fill=0.05, layer_ms=1.0, rows=64, context=128, threads=1)
+
+
+def planted(n_seq=400, per_seq=50, seed=0):
+    """Two exits (10 and 14 of 16 layers). Exit 10: gate ~ U(0,1) and the ramp
+    agrees with probability equal to the gate (calibrated), so exiting above t
+    costs (1 - t)^2 / 2 disagreements per row. Exit 14 never agrees (its gate is
+    uninformative), so using it can only hurt."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_seq * per_seq
+    c10 = torch.rand(n, generator=g)
+    a10 = torch.rand(n, generator=g) < c10
+    c14 = torch.rand(n, generator=g)
+    a14 = torch.zeros(n, dtype=torch.bool)
+    conf = torch.stack([c10, c14], 1)
+    return Scores((10, 14), torch.stack([a10, a14], 1),
+                  {"max_prob": conf, "margin": conf, "gate": conf},
+                  torch.arange(n_seq, dtype=torch.int32).repeat_interleave(per_seq))
+
+
+def test_cp_upper_bound():
+    assert math.isclose(cp_upper(0, 100), 1 - 0.05 ** (1 / 100), rel_tol=1e-12)
+    for k, n in ((1, 50), (5, 100), (40, 5000)):
+        u = cp_upper(k, n)
+        assert u > k / n and math.isclose(binom_cdf(k, n, u), 0.05, abs_tol=1e-6)
+    # independent of the code under test: the exact binomial sum at the bound is alpha
+    u = cp_upper(5, 100)
+    assert sum(math.comb(100, i) * u**i * (1 - u) ** (100 - i) for i in range(6)) == pytest.approx(0.05, abs=1e-9)
+    assert u == pytest.approx(0.1023, abs=1e-4)
+    assert cp_upper(3, 3) == 1.0
+
+
+def test_calibration_meets_target_on_planted_data():
+    s = planted()
+    cal = calibrate_scores(s, COSTS, 16, (0.95, 0.99))
+    row = next(r for r in cal["table"] if r["target_agreement"] == 0.99)
+    best = row["chosen"]
+    assert row["policy"] == "token" and best["measure"] == "gate"   # the head (8 layers) never pays
+    assert best["exits_kept"] == [10]                               # exit 14 only adds errors
+    t = best["thresholds"][0]
+    # true disagreement at t is (1 - t)^2 / 2 <= 1% iff t >= 1 - sqrt(0.02) = 0.8586; the
+    # verify-split bound is met and the choice is not needlessly timid
+    assert 0.8586 - 0.01 <= t <= 0.93
+    assert (1 - t) ** 2 / 2 <= 0.0101
+    assert best["verify"]["cp_upper_95"] <= 0.01
+    # a fresh sample from the same distribution agrees >= 99% at the chosen thresholds
+    fresh = simulate(planted(seed=7), "gate", best["thresholds"], COSTS, 16)
+    assert 1 - fresh.errors / fresh.n >= 0.99 - 0.002
+    assert best["verify"]["expected_net_cost"] < 1.0
+    # a looser target exits more
+    loose = next(r for r in cal["table"] if r["target_agreement"] == 0.95)["chosen"]
+    assert loose["verify"]["exit_fraction"][0] > best["verify"]["exit_fraction"][0]
+
+
+def test_calibration_says_full_when_nothing_pays():
+    s = planted()
+    dear = Costs(head=8.0, ramp=3.0, gate=3.0, kv_fill=0.9, layer_ms=1.0, rows=64, context=128, threads=1)
+    cal = calibrate_scores(s, dear, 16, (0.99,))
+    assert cal["table"][0]["policy"] == "full" and cal["table"][0]["chosen"] is None
+
+
+def test_simulate_counts_costs():
+    s = Scores((2,), torch.tensor([[True], [False], [True], [True]]),
+               {m: torch.tensor([[0.9], [0.95], [0.1], [0.99]]) for m in ("max_prob", "margin", "gate")},
+               torch.zeros(4, dtype=torch.int32))
+    o = simulate(s, "gate", [0.5], COSTS, 4)
+    # rows 0, 1, 3 leave at 2 (row 1 disagrees); row 2 runs all 4 layers
+    assert o.errors == 1 and o.exit_frac == [0.75]
+    check = COSTS.ramp + COSTS.gate
+    want = (3 * (2 + check + 2 * COSTS.kv_fill) + (4 + check)) / 4
+    assert o.cost == pytest.approx(want) and o.layers_run == pytest.approx(2.5)
+
+
+# ---- free-running loop -----------------------------------------------------------------------
+def test_free_run_without_exits_is_greedy_and_with_kv_fill_runs(tiny_dir, tiny_artifact):
+    model = load_base(tiny_dir)
+    head = FrozenHead.of(model)
+    ramps, _ = load_ramps(tiny_artifact, D_TINY, model.config.rms_norm_eps)
+    p = tiny_prompts(2, seed=5)[0]
+    toks, where = free_run(model, head, ramps, E3Config(policy="full"), p, 12, set())
+    assert toks == hf_greedy(tiny_dir, [p], 12)[0] and set(where) == {L_TINY}
+    always = E3Config.from_dict({"policy": "token", "exits": [1], "thresholds": [0.0], "confidence": "gate"})
+    toks2, where2 = free_run(model, head, ramps, always, p, 12, set())
+    assert len(toks2) == 12 and where2[0] == L_TINY and set(where2[1:]) == {1}
+
+
+# ---- the committed artifact -----------------------------------------------------------------------
+def test_committed_artifact_matches_the_prepared_model():
+    path = os.path.join(ARTIFACT, "ramps.safetensors")
+    assert os.path.isfile(path), f"{path} is missing: make ramps"
+    meta, _ = read_ramps_header(path)
+    exits = json.loads(meta["exits"])
+    validate_ramps(path, exits, 576)
+    assert os.path.getsize(path) < 5e6
+    cfg = E3Config.from_dict(json.load(open(os.path.join(ARTIFACT, "config.json"))))
+    assert set(cfg.exits) <= set(exits)
+    if not os.path.isdir(PREPARED):
+        pytest.skip(f"prepared model dir {PREPARED} does not exist (run `vllm-e3 prepare`)")
+    assert meta["base_model_hash"] == model_hash(PREPARED)
+
+
+def test_builtin_prompt_splits_are_disjoint():
+    tr, ho = builtin_prompts("train"), builtin_prompts("heldout")
+    assert len(tr) >= 100 and len(ho) >= 25 and not set(tr) & set(ho)

