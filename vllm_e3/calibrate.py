@@ -358,11 +358,15 @@ def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
     sa, sb = s.rows(in_a), s.rows(~in_a)
     measures = [m for m in measures if m != "gate" or bool(s.conf["gate"].any())]
     rungs = {m: ladder(sa, m, costs, L) for m in measures}
-    alpha = ALPHA / len(measures)
+    # Only measures that save anything on A are tested on B (a decision made
+    # without B, so the Bonferroni split over the tested ones stays valid).
+    tested = [m for m in measures if any(any(x is not None for x in thr) for _, thr in rungs[m])]
+    alpha = ALPHA / max(len(tested), 1)
     table = []
     for t in sorted(set(targets)):
-        per = {}
-        for m in measures:
+        per = {m: "no saving on the selection split at any rung (cost >= full)"
+               for m in measures if m not in tested}
+        for m in tested:
             got = verify(sb, m, rungs[m], costs, L, t, alpha)
             if got is None:
                 per[m] = None
@@ -373,12 +377,14 @@ def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
                       "verify": {**o.summary(L), "cp_upper_95": cp_upper(o.errors, o.n, ALPHA),
                                  f"cp_upper_{1 - alpha:.4f}": cp_upper(o.errors, o.n, alpha)},
                       "select": simulate(sa, m, thr, costs, L).summary(L)}
-        live = [v for v in per.values() if v and v["exits_kept"] and v["verify"]["expected_net_cost"] < 1.0]
+        live = [v for v in per.values()
+                if isinstance(v, dict) and v["exits_kept"] and v["verify"]["expected_net_cost"] < 1.0]
         best = min(live, key=lambda v: v["verify"]["expected_net_cost"]) if live else None
         table.append({"target_agreement": t, "policy": "token" if best else "full",
                       "chosen": best, "per_measure": per})
     return {"exits": list(s.exits), "rows_select": sa.agree.shape[0], "rows_verify": sb.agree.shape[0],
-            "alpha": ALPHA, "alpha_per_measure": alpha, "ladder": list(LADDER), "table": table}
+            "alpha": ALPHA, "measures_tested": tested, "alpha_per_measure": alpha, "ladder": list(LADDER),
+            "table": table}
 
 
 def per_exit_sweeps(s: Scores, costs: Costs, L: int) -> dict:
@@ -522,8 +528,9 @@ def _e3_json(d: dict) -> dict:
 
 
 def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = None, n_humaneval: int = 100,
-              builtin: bool = True, max_tokens: int = 64, free_prompts: int = 12, free_tokens: int = 64,
-              cost_rows: int = 64, cache_dir: str | None = None, progress: bool = True) -> dict:
+              builtin: bool = True, max_tokens: int = 64, free_prompts: int = 8, free_tokens: int = 64,
+              cost_rows: int = 64, engine_dtype: str = "float32", cache_dir: str | None = None,
+              progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     t_start = time.time()
@@ -542,7 +549,8 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     prompts = heldout_prompts(n_humaneval, builtin)
     tok = AutoTokenizer.from_pretrained(model_dir)
     pids = chat_token_ids(tok, prompts)
-    corpus = build_corpus(model_dir, pids, max_tokens, base_hash=base_hash, cache_dir=cache_dir)
+    corpus = build_corpus(model_dir, pids, max_tokens, base_hash=base_hash, dtype=engine_dtype,
+                          cache_dir=cache_dir)
     c = captured_cached(model, base_hash, corpus, sorted(ramps), cache_dir=cache_dir, progress=progress)
     head = FrozenHead.of(model)
     s = score(c, ramps, head)
@@ -565,6 +573,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     cal.update(model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
                "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,
+               "engine_dtype": engine_dtype,
                "rows": c.num_rows, "data_hash": corpus.data_hash()},
                costs_in_layers=costs.__dict__, num_layers=L,
                cost_model="cost/token = exit layer + checks*(ramp + confidence) + skipped layers*kv_fill; "
@@ -684,10 +693,12 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-builtin-heldout", action="store_true",
                    help="leave out the built-in prompt set's held-out split")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
-    p.add_argument("--free-prompts", type=int, default=12,
+    p.add_argument("--free-prompts", type=int, default=8,
                    help="prompts for the free-running comparison; 0 skips it (default %(default)s)")
     p.add_argument("--free-tokens", type=int, default=64)
     p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
+    p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the vLLM engine whose outputs are the reference (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -701,7 +712,8 @@ def _calibrate_main(args) -> int:
     torch.set_num_threads(args.threads)
     calibrate(args.model_dir, target=args.target_agreement, out_dir=args.out, n_humaneval=args.humaneval,
               builtin=not args.no_builtin_heldout, max_tokens=args.max_tokens, free_prompts=args.free_prompts,
-              free_tokens=args.free_tokens, cost_rows=args.cost_rows, cache_dir=args.cache_dir,
+              free_tokens=args.free_tokens, cost_rows=args.cost_rows, engine_dtype=args.engine_dtype,
+              cache_dir=args.cache_dir,
               progress=not args.no_progress)
     return 0
 

@@ -131,7 +131,8 @@ class Corpus:
         return _sha({"p": self.prompt_ids, "g": self.gen_ids})
 
 
-def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int,
+                   dtype: str = "float32") -> list[list[int]]:
     """Greedy continuations through vanilla vLLM (eager; no --model-impl)."""
     # vLLM claims most of the RAM for its KV cache unless told (../shared/DESIGN.md).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -140,7 +141,7 @@ def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int)
     from vllm.inputs import TokensPrompt
 
     max_len = max(len(p) for p in prompt_ids) + max_tokens + 8
-    llm = LLM(model_dir, enforce_eager=True, max_model_len=max(max_len, 512), seed=0)
+    llm = LLM(model_dir, enforce_eager=True, max_model_len=max(max_len, 512), seed=0, dtype=dtype)
     try:
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
                             SamplingParams(temperature=0.0, max_tokens=max_tokens))
@@ -152,10 +153,15 @@ def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int)
         gc.collect()
 
 
-def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *,
-                 base_hash: str, cache_dir: str | None = None, generate=_vllm_generate) -> Corpus:
-    """The model's greedy continuations, cached under (model, prompts, max_tokens)."""
-    key = _sha({"model": base_hash, "prompts": prompt_ids, "max_tokens": max_tokens, "v": 1})
+def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *, base_hash: str,
+                 dtype: str = "float32", cache_dir: str | None = None, generate=None) -> Corpus:
+    """The model's greedy continuations, cached under (model, prompts, max_tokens, dtype).
+
+    `dtype` is the engine's: the reference "full model" is the deployment that
+    serves it. float32 by default: on CPUs without native bf16 GEMMs (AVX2
+    only, like the machine in benchmarks/RESULTS.md) vLLM runs bf16 ~5x
+    slower, and deployments there serve float32."""
+    key = _sha({"model": base_hash, "prompts": prompt_ids, "max_tokens": max_tokens, "dtype": dtype, "v": 1})
     path = os.path.join(cache_dir or cache_root(), f"corpus-{key[:16]}.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -164,7 +170,8 @@ def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *
         return Corpus(rec["prompt_ids"], rec["gen_ids"])
     t0 = time.time()
     _log(f"corpus: {len(prompt_ids)} prompts x {max_tokens} tokens through vLLM")
-    gen = generate(model_dir, prompt_ids, max_tokens)
+    gen = (generate(model_dir, prompt_ids, max_tokens) if generate
+           else _vllm_generate(model_dir, prompt_ids, max_tokens, dtype))
     corpus = Corpus(prompt_ids, gen)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -183,7 +190,7 @@ class Captured:
     final: torch.Tensor              # [N, d] bf16, residual stream after the last layer (pre-norm)
     top_lp: torch.Tensor             # [N, K] fp32, final log-probs, descending
     top_ids: torch.Tensor            # [N, K] int64, their token ids (top_ids[:, 0] = final top-1)
-    served: torch.Tensor             # [N] int64, the token vLLM generated next (bf16 serving)
+    served: torch.Tensor             # [N] int64, the token vLLM generated next (the reference top-1)
     seq: torch.Tensor                # [N] int32, index of the corpus sequence of each row
 
     @property
@@ -466,8 +473,8 @@ class Recipe:
     exits: list[int] = field(default_factory=list)   # empty: default_exits(L)
     rank: int = 64
     max_tokens: int = 64
-    mse_steps: int = 1000
-    steps: int = 80
+    mse_steps: int = 600
+    steps: int = 60
     batch: int = 128
     lr: float = 3e-3
     seed: int = 0
@@ -475,7 +482,8 @@ class Recipe:
     prompts: str = "builtin:train"
     num_prompts: int = 0
     valid_fraction: float = 0.1
-    gate_rows: int = 4096
+    gate_rows: int = 2048
+    engine_dtype: str = "float32"
 
 
 def _split_rows(c: Captured, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,7 +518,7 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
     recipe.num_prompts = len(prompt_ids)
     base_hash = model_hash(model_dir)
     corpus = build_corpus(model_dir, prompt_ids, recipe.max_tokens, base_hash=base_hash,
-                          cache_dir=cache_dir, **({"generate": generate} if generate else {}))
+                          dtype=recipe.engine_dtype, cache_dir=cache_dir, generate=generate)
     data_hash = corpus.data_hash()
     c = captured_cached(model, base_hash, corpus, exits, cache_dir=cache_dir, progress=progress)
     head = FrozenHead.of(model)
@@ -519,14 +527,14 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
 
     tr, va = _split_rows(c, recipe.valid_fraction, recipe.seed)
     ctr, cva = c.rows(tr), c.rows(va)
-    # "The full model's top-1" is the token vanilla vLLM served (bf16); the fp32
+    # "The full model's top-1" is the token vanilla vLLM served; in bf16 the fp32
     # teacher's argmax differs from it on ~1-2% of rows (near-ties).
     final_tr, final_va = ctr.served, cva.served
     tensors: dict[str, torch.Tensor] = {}
     report = {"model_dir": os.path.abspath(model_dir), "rows_train": int(tr.sum()), "rows_valid": int(va.sum()),
               "served_vs_fp32_top1": float((c.served == c.top_ids[:, 0]).float().mean()), "exits": {}}
     _log(f"train: {report['rows_train']} rows, {report['rows_valid']} validation rows; "
-         f"fp32 top-1 = vLLM bf16 token on {100 * report['served_vs_fp32_top1']:.1f}% of rows")
+         f"fp32 top-1 = vLLM ({recipe.engine_dtype}) token on {100 * report['served_vs_fp32_top1']:.1f}% of rows")
     for e in exits:
         t0 = time.time()
         ident = ramp_eval(None, cva.states[e], head, cva.top_lp, cva.top_ids)
@@ -603,13 +611,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="JSONL of {\"prompt\": ...} lines (default: the built-in set's train split)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
-    p.add_argument("--mse-steps", type=int, default=1000,
+    p.add_argument("--mse-steps", type=int, default=600,
                    help="phase-1 steps per exit, centred-logit regression (default %(default)s)")
-    p.add_argument("--steps", type=int, default=80,
+    p.add_argument("--steps", type=int, default=60,
                    help="phase-2 steps per exit, full-vocabulary KL (default %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="rows per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the vLLM engine that generates the corpus: the deployment whose "
+                        "outputs are the reference (default %(default)s)")
     p.add_argument("--out", default=None, help="the e3 folder to write (default MODEL_DIR/e3)")
     p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
     p.add_argument("--threads", type=int, default=1,
@@ -626,7 +637,7 @@ def _train_main(args) -> int:
     if args.max_prompts:
         prompts = (prompts if prompts is not None else builtin_prompts("train"))[:args.max_prompts]
     recipe = Recipe(exits=args.exits, rank=args.rank, max_tokens=args.max_tokens, mse_steps=args.mse_steps, steps=args.steps,
-                    batch=args.batch, lr=args.lr, seed=args.seed,
+                    batch=args.batch, lr=args.lr, seed=args.seed, engine_dtype=args.engine_dtype,
                     prompts=os.path.basename(args.prompts) if args.prompts else "builtin:train")
     train(args.model_dir, recipe, out_dir=args.out, prompts=prompts, cache_dir=args.cache_dir,
           progress=not args.no_progress)
