@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-from vllm_e3.calibrate import (Costs, Scores, calibrate_scores, cp_upper, binom_cdf, free_run,
-                               load_ramps, simulate)
+from vllm_e3.calibrate import (Costs, Scores, binom_cdf, calibrate_scores, cp_upper, free_run,
+                               free_run_batched, load_ramps, simulate)
 from vllm_e3.config import E3Config, E3ConfigError
 from vllm_e3.ramps import model_hash, read_ramps_header, validate_ramps
 from vllm_e3.train import (Corpus, FrozenHead, Recipe, builtin_prompts, capture, load_base, ramp_eval,
@@ -276,6 +276,28 @@ def test_free_run_without_exits_is_greedy_and_with_kv_fill_runs(tiny_dir, tiny_a
     always = E3Config.from_dict({"policy": "token", "exits": [1], "thresholds": [0.0], "confidence": "gate"})
     toks2, where2 = free_run(model, head, ramps, always, p, 12, set())
     assert len(toks2) == 12 and where2[0] == L_TINY and set(where2[1:]) == {1}
+
+
+def test_batched_free_run_matches_the_per_row_loop(tiny_dir, tiny_artifact):
+    """Left padding, per-row exits at two exits and the in-place KV fill of the
+    batched loop give the per-row loop's tokens and exits, row for row."""
+    model = load_base(tiny_dir)
+    head = FrozenHead.of(model)
+    ramps, _ = load_ramps(tiny_artifact, D_TINY, model.config.rms_norm_eps)
+    prompts = tiny_prompts(5, seed=9, lo=2, hi=9)
+    cfgs = [E3Config(policy="full"),
+            E3Config.from_dict({"policy": "token", "exits": [1, 3], "thresholds": [0.5, 0.4],
+                                "confidence": "gate"}),
+            E3Config.from_dict({"policy": "token", "exits": [1, 3], "thresholds": [0.2, 0.1],
+                                "confidence": "max_prob"})]
+    exited_somewhere = 0
+    for cfg in cfgs:
+        toks_b, where_b = free_run_batched(model, head, ramps, cfg, prompts, 10, set())
+        for p, tb, wb in zip(prompts, toks_b, where_b):
+            t1, w1 = free_run(model, head, ramps, cfg, p, 10, set())
+            assert (tb, wb) == (t1, w1)
+            exited_somewhere += sum(1 for w in w1 if w < L_TINY)
+    assert exited_somewhere > 0
 
 
 # ---- the committed artifact -----------------------------------------------------------------------

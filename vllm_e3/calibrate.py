@@ -28,9 +28,9 @@ built: for each allowed disagreement rate r (0, 0.05%, ..., 10%) the cheapest
 thresholds with disagreement <= r (coordinate descent over per-exit threshold
 grids along a Lagrangian path). On B, for a target agreement t, the ladder is
 walked from the most conservative rung while the one-sided Clopper-Pearson
-upper bound on the disagreement rate (at level alpha / #measures, Bonferroni
-over the measures) stays <= 1 - t; the last rung that passes is kept. The
-measure with the lowest B cost wins. Reported: agreement, disagreements and the
+upper bound on the disagreement rate stays <= 1 - t; the last rung that
+passes is kept. Only measures that save anything on A are tested, at level
+alpha / #tested (Bonferroni), and the one with the lowest B cost wins. Reported: agreement, disagreements and the
 95% Clopper-Pearson upper bound measured on B. No rung beyond "no exits", or
 no saving: policy `full`, said plainly.
 
@@ -315,9 +315,11 @@ def _descend(s, measure, costs, L, grids, thr, objective, feasible, sweeps: int 
 
 def ladder(s: Scores, measure: str, costs: Costs, L: int, rates=LADDER) -> list[tuple[float, list]]:
     """[(allowed disagreement rate r, thresholds)]: for each r the cheapest
-    thresholds found on `s` with disagreement <= r. A Lagrangian path
-    (minimise cost + lam * disagreement for a range of lam) seeds a constrained
-    coordinate descent per rung."""
+    thresholds found on `s` with disagreement <= r. Coordinate descent from
+    several starts -- the best point of a Lagrangian path (minimise cost +
+    lam * disagreement over a range of lam), the previous rung's answer (still
+    feasible), and the best single-exit setting of each exit -- keeps it out of
+    the local optima one start falls into."""
     k, n = len(s.exits), max(s.agree.shape[0], 1)
     grids = _grids(s, measure)
     path = []
@@ -326,13 +328,30 @@ def ladder(s: Scores, measure: str, costs: Costs, L: int, rates=LADDER) -> list[
         thr, o = _descend(s, measure, costs, L, grids, thr, lambda o: o.cost + lam * o.errors / n,
                           lambda o: True, sweeps=2)
         path.append((list(thr), o))
-    out = []
+    singles = []                                               # (exit j, threshold, outcome)
+    for j in range(k):
+        for t in grids[j]:
+            one = [None] * k
+            one[j] = t
+            singles.append((j, one, simulate(s, measure, one, costs, L)))
+    out, prev = [], [None] * k
     for r in rates:
-        ok = [(t, o) for t, o in path if o.errors <= r * n]
-        start = min(ok, key=lambda to: to[1].cost)[0] if ok else [None] * k
-        t, _ = _descend(s, measure, costs, L, grids, start, lambda o: o.cost,
-                        lambda o, r=r: o.errors <= r * n)
-        out.append((r, t))
+        feasible = (lambda o, r=r: o.errors <= r * n)
+        starts = [prev]
+        ok = [(t, o) for t, o in path if feasible(o)]
+        if ok:
+            starts.append(min(ok, key=lambda to: to[1].cost)[0])
+        for j in range(k):
+            ok = [(t, o) for jj, t, o in singles if jj == j and feasible(o)]
+            if ok:
+                starts.append(min(ok, key=lambda to: to[1].cost)[0])
+        best, best_cost = prev, simulate(s, measure, prev, costs, L).cost
+        for start in {tuple(x): x for x in starts}.values():
+            t, o = _descend(s, measure, costs, L, grids, list(start), lambda o: o.cost, feasible)
+            if feasible(o) and o.cost < best_cost - 1e-12:
+                best, best_cost = t, o.cost
+        out.append((r, list(best)))
+        prev = list(best)
     return out
 
 
@@ -411,17 +430,8 @@ def per_exit_sweeps(s: Scores, costs: Costs, L: int) -> dict:
 def kv_fill(model, x: torch.Tensor, pe, cache, layers) -> None:
     """K/V of `layers` for rows that left with pre-ramp state x [b, 1, d]:
     each layer's own input norm -> K/V projections -> RoPE on K -> cache."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    b = x.shape[0]
     for l in layers:
-        layer = model.model.layers[l]
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        k = attn.k_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-        _, k = apply_rotary_pos_emb(k, k, *pe)
-        cache.update(k, v, l)
+        cache.update(*_kv(model.model.layers[l], x, pe), l)
 
 
 @torch.no_grad()
@@ -449,7 +459,7 @@ def free_run(model, head: FrozenHead, ramps: dict[int, Ramp], cfg: E3Config, pro
             if l + 1 in live:
                 e = l + 1
                 hin = head.head_in(ramps[e](h[0]))                       # [1, d]
-                if _confidence(cfg.confidence, hin, head, ramps[e]) >= live[e]:
+                if float(_confidence(cfg.confidence, hin, head, ramps[e])) >= live[e]:
                     left = e
                     kv_fill(model, h, pe, cache, range(e, L))
                     break
@@ -462,11 +472,85 @@ def free_run(model, head: FrozenHead, ramps: dict[int, Ramp], cfg: E3Config, pro
     return toks, where
 
 
-def _confidence(measure: str, hin: torch.Tensor, head: FrozenHead, ramp: Ramp) -> float:
+def _confidence(measure: str, hin: torch.Tensor, head: FrozenHead, ramp: Ramp) -> torch.Tensor:
+    """[m] confidence of head inputs hin [m, d]."""
     if measure == "gate":
-        return float(torch.sigmoid(hin @ ramp.gate_weight.T + ramp.gate_bias))
-    p = torch.softmax(head.logits(hin), -1).topk(2, -1).values[0]
-    return float(p[0] - p[1]) if measure == "margin" else float(p[0])
+        return torch.sigmoid(hin @ ramp.gate_weight.T + ramp.gate_bias).squeeze(1)
+    p = torch.softmax(head.logits(hin), -1).topk(2, -1).values                      # [m, 2]
+    return p[:, 0] - p[:, 1] if measure == "margin" else p[:, 0]
+
+
+def _kv(layer, x: torch.Tensor, pe) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (with RoPE) and V of layer for states x [b, 1, d]: [b, kv_heads, 1, head_dim] each."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    k = attn.k_proj(h).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
+    return apply_rotary_pos_emb(k, k, *pe)[1], v
+
+
+@torch.no_grad()
+def free_run_batched(model, head: FrozenHead, ramps: dict[int, Ramp], cfg: E3Config,
+                     prompts: list[list[int]], max_tokens: int, eos: set[int],
+                     pad_id: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """`free_run` for a batch of prompts (left-padded). Every layer runs on
+    every row; a row that left at exit e has the K/V it wrote in layers >= e
+    replaced, at this step's cache slot, by the KV fill of its pre-ramp state,
+    and its later hidden states are discarded -- the cache and the tokens are
+    those of the per-row loop, at batch speed."""
+    from transformers.cache_utils import DynamicCache
+
+    L, b = model.config.num_hidden_layers, len(prompts)
+    live = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])           # [b, P]
+    seen = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])     # [b, P]
+    cache = DynamicCache(config=model.config)
+    out = model.model(input_ids=ids, attention_mask=seen, position_ids=(seen.cumsum(1) - 1).clamp(min=0),
+                      past_key_values=cache, use_cache=True)
+    tok = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)                       # [b]
+    toks, where = [tok], [torch.full((b,), L)]
+    pos = seen.sum(1)                                                                  # [b] next position
+    for _ in range(max_tokens - 1):
+        seen = torch.cat([seen, torch.ones(b, 1, dtype=seen.dtype)], 1)
+        mask = torch.zeros(b, 1, 1, seen.shape[1]).masked_fill(seen[:, None, None, :] == 0,
+                                                               torch.finfo(torch.float32).min)
+        h = model.model.embed_tokens(tok[:, None])                                     # [b, 1, d]
+        pids = pos[:, None]
+        pe = model.model.rotary_emb(h, position_ids=pids)
+        left = torch.full((b,), L)                                                     # exit layer per row
+        x_exit = torch.zeros_like(h)                                                   # pre-ramp state
+        hin = torch.zeros(b, h.shape[-1])
+        for l, layer in enumerate(model.model.layers):
+            h = layer(h, attention_mask=mask, position_ids=pids, past_key_values=cache, use_cache=True,
+                      position_embeddings=pe)
+            gone = left <= l                                                           # left at e <= l
+            if bool(gone.any()):
+                k, v = _kv(layer, x_exit[gone], tuple(t[gone] for t in pe))
+                cache.layers[l].keys[gone, :, -1:] = k
+                cache.layers[l].values[gone, :, -1:] = v
+            if l + 1 in live:
+                e = l + 1
+                cand = (left == L).nonzero().squeeze(1)
+                hi = head.head_in(ramps[e](h[cand, 0]))                                # [m, d]
+                conf = _confidence(cfg.confidence, hi, head, ramps[e])                  # [m]
+                go = cand[conf >= live[e]]
+                left[go], x_exit[go], hin[go] = e, h[go], hi[conf >= live[e]]
+        stay = left == L
+        hin[stay] = model.model.norm(h[stay, 0])
+        tok = head.logits(hin).argmax(-1)
+        toks.append(tok)
+        where.append(left)
+        pos = pos + 1
+    T, W = torch.stack(toks, 1).tolist(), torch.stack(where, 1).tolist()
+    outs, wheres = [], []
+    for t, w in zip(T, W):
+        n = next((i + 1 for i, x in enumerate(t) if x in eos), len(t))
+        outs.append(t[:n])
+        wheres.append(w[:n])
+    return outs, wheres
 
 
 @torch.no_grad()
@@ -478,20 +562,19 @@ def _loglik(model, prompt_ids: list[int], toks: list[int]) -> float:
 
 
 def free_running_quality(model, head, ramps, cfgs: dict[str, E3Config], prompt_ids: list[list[int]],
-                         max_tokens: int, eos: set[int], progress: bool = True) -> dict:
+                         max_tokens: int, eos: set[int]) -> dict:
     """Per config: fraction of tokens before the first divergence from the
     same loop without exits, full-model log-likelihood per token of the
     early-exit output vs the full model's own, and the observed exits."""
     L = model.config.num_hidden_layers
     off = E3Config(policy="full")
-    refs = [free_run(model, head, ramps, off, p, max_tokens, eos)[0]
-            for p in _tqdm(prompt_ids, desc="free-run full", disable=not progress)]
+    refs, _ = free_run_batched(model, head, ramps, off, prompt_ids, max_tokens, eos)
     ll_ref = [_loglik(model, p, r) for p, r in zip(prompt_ids, refs)]
     out = {"prompts": len(prompt_ids), "max_tokens": max_tokens, "configs": {}}
     for name, cfg in cfgs.items():
         frac, lls, ntok, layers, exited = [], [], 0, 0, 0
-        for p, ref in zip(_tqdm(prompt_ids, desc=f"free-run {name}", disable=not progress), refs):
-            toks, where = free_run(model, head, ramps, cfg, p, max_tokens, eos)
+        runs = zip(*free_run_batched(model, head, ramps, cfg, prompt_ids, max_tokens, eos))
+        for p, ref, (toks, where) in zip(prompt_ids, refs, runs):
             same = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), min(len(toks), len(ref)))
             frac.append(same / max(len(ref), 1) if (same < len(ref) or len(toks) == len(ref)) else 1.0)
             lls.append(_loglik(model, p, toks))
@@ -553,10 +636,14 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
                           cache_dir=cache_dir)
     c = captured_cached(model, base_hash, corpus, sorted(ramps), cache_dir=cache_dir, progress=progress)
     head = FrozenHead.of(model)
+    t0 = time.time()
     s = score(c, ramps, head)
-    _log(f"calibrate: {c.num_rows} held-out decode rows from {len(prompts)} prompts; measuring costs")
     costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows)
+    t1 = time.time()
+    _log(f"calibrate: {c.num_rows} held-out decode rows from {len(prompts)} prompts scored at exits "
+         f"{list(s.exits)}, costs timed: {t1 - t0:.0f}s")
     cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target))
+    _log(f"calibrate: thresholds for targets {sorted({*TARGET_GRID, target})}: {time.time() - t1:.0f}s")
     row = next(r for r in cal["table"] if r["target_agreement"] == target)
     config = _e3_json(config_for(row, s.exits))
     cfgs = {f"target_{target}": E3Config.from_dict(config)} if config["policy"] != "full" else {}
@@ -569,7 +656,9 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
         he, bi = pids[:n_humaneval], pids[n_humaneval:]
         pick = [p for pair in zip(he, bi) for p in pair][:free_prompts] or pids[:free_prompts]
         eos = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(mc.eos_token_id or [])
-        free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos, progress)
+        t0 = time.time()
+        free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos)
+        _log(f"calibrate: free-running comparison on {len(pick)} prompts: {time.time() - t0:.0f}s")
     cal.update(model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
                "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,

@@ -352,14 +352,15 @@ def ramp_eval(ramp: Ramp | None, x: torch.Tensor, head: FrozenHead, top_lp=None,
     for i in range(0, x.shape[0], chunk):
         xb = x[i:i + chunk].float()
         hin = head.head_in(ramp(xb) if ramp is not None else xb)
-        logq = torch.log_softmax(head.logits(hin), dim=-1)
-        v, k = logq.topk(2, dim=-1)
-        pr = v.exp()
+        z = head.logits(hin)                                        # [c, V]
+        v, k = z.topk(2, dim=-1)
+        pr = (v - torch.logsumexp(z, dim=-1, keepdim=True)).exp()   # top-2 probabilities
         outs["head_in"].append(hin)
         outs["argmax"].append(k[:, 0])
         outs["max_prob"].append(pr[:, 0])
         outs["margin"].append(pr[:, 0] - pr[:, 1])
         if top_lp is not None:
+            logq = torch.log_softmax(z, dim=-1)
             outs["kl"].append(topk_kl(top_lp[i:i + chunk], top_ids[i:i + chunk], logq)
                               .expand(xb.shape[0]))
     return {k: torch.cat(v) for k, v in outs.items() if v}
@@ -476,7 +477,7 @@ class Recipe:
     mse_steps: int = 600
     steps: int = 60
     batch: int = 128
-    lr: float = 3e-3
+    lr: float = 3e-2
     seed: int = 0
     top_k: int = TOP_K
     prompts: str = "builtin:train"
@@ -616,7 +617,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60,
                    help="phase-2 steps per exit, full-vocabulary KL (default %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="rows per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate, both phases (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the vLLM engine that generates the corpus: the deployment whose "
