@@ -33,6 +33,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["e3 = vllm_e3:register"],
+        # opt-in by vLLM's rule (VLLM_PLUGINS must name it): per-response stats routes
+        "vllm.endpoint_plugins": ["e3_http = vllm_e3.http:E3EndpointPlugin"],
         "console_scripts": ["vllm-e3 = vllm_e3.cli:main"],
     },
 )

@@ -13,6 +13,9 @@ config, in the front-end process, before any engine process starts. With
   the scheduler reschedules parked requests at the same position);
 - turns prefix caching off under policy e3 (a parked token's deep-layer KV is
   written only when it resumes);
+- adds the logits processor whose `validate_params` checks the per-request
+  knobs in the front end (vllm_e3.knobs), and points the front end's exit
+  metrics at the file the worker will publish (vllm_e3.metrics);
 - runs the exit path eagerly (`enforce_eager`) when exits can fire: the stage
   loop changes the token count inside the forward, which vLLM's single
   compiled graph cannot express. Policy `full` keeps vLLM's compile default.
@@ -55,6 +58,31 @@ def check_against_model(e3cfg, vllm_config) -> None:
         raise ValueError("--model-impl e3 does not support pipeline parallelism")
 
 
+def _add_request_validator(engine_args) -> None:
+    """The per-request knobs are checked at admission by the
+    `validate_params` hook of a logits processor (vllm_e3.knobs) that leaves
+    logits alone; the user's own processors stay."""
+    from vllm_e3.knobs import PROCESSOR_FQCN
+
+    procs = list(engine_args.logits_processors or [])
+    if PROCESSOR_FQCN not in procs:
+        engine_args.logits_processors = [*procs, PROCESSOR_FQCN]
+
+
+def _prepare_frontend(vllm_config) -> None:
+    """Front-end state of this engine: whether it has a calibration table
+    (for the knobs' errors) and where its worker publishes exit counters
+    (for /metrics)."""
+    from vllm_e3.config import CALIBRATION_FILENAME, e3_dir
+    from vllm_e3.knobs import set_frontend_table
+    from vllm_e3.metrics import prepare_frontend
+
+    mc = vllm_config.model_config
+    set_frontend_table(os.path.join(e3_dir(mc.model), CALIBRATION_FILENAME))
+    names = mc.served_model_name
+    prepare_frontend(names if isinstance(names, str) else (names or [mc.model])[0])
+
+
 def _make(orig):
     from vllm.config import SchedulerConfig
 
@@ -75,8 +103,10 @@ def _make(orig):
         if e3cfg.exits_active and not self.enforce_eager:
             logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
             self.enforce_eager = True
+        _add_request_validator(self)
         config = orig(self, *args, **kwargs)
         check_against_model(e3cfg, config)
+        _prepare_frontend(config)
         return config
 
     return wrapper

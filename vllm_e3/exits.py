@@ -231,16 +231,37 @@ class ExitPlan:
     threshold: dict[int, torch.Tensor]     # exit -> [N] fp32 confidence threshold, inf = never
     kv_fill: torch.Tensor                  # [N] bool
     may_park: torch.Tensor                 # [N] bool: decode row under policy e3
+    decode: torch.Tensor                   # [N] bool: decode row (padding rows False)
 
     @classmethod
-    def build(cls, cfg, layout: "RowLayout", n_rows: int, step) -> "ExitPlan":
+    def build(cls, cfg, layout: "RowLayout", n_rows: int, step, table=None) -> "ExitPlan":
+        """`table`: the model's calibration table (vllm_e3.knobs), read for
+        requests that set `e3_target_agreement`."""
+        from .knobs import parse_knobs
+
         num_reqs = layout.query_start_loc.numel() - 1
         policy = [cfg.policy] * num_reqs
         force = [cfg.force_exit] * num_reqs
         fill = [True] * num_reqs
-        if step is not None and step.has_overrides() and len(step.extra_args) >= num_reqs:
+        default_thr = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
+        thr = [default_thr] * num_reqs
+        if step is not None and step.has_extras() and len(step.extra_args) >= num_reqs:
             for j, extra in enumerate(step.extra_args[:num_reqs]):
-                extra = extra or {}
+                if not extra:
+                    continue
+                try:
+                    knobs = parse_knobs(extra)
+                except ValueError:        # the front end rejects these; never exit on doubt
+                    policy[j] = "full"
+                    continue
+                if not knobs.enabled:
+                    policy[j] = "full"
+                elif knobs.target is not None:
+                    t = table.thresholds_for(knobs.target, cfg.exits, cfg.confidence) if table else None
+                    if t is None:
+                        policy[j] = "full"
+                    else:
+                        thr[j] = t
                 policy[j] = extra.get("_e3_policy", policy[j])
                 if "_e3_force_exit" in extra:
                     force[j] = {int(k): float(v) for k, v in extra["_e3_force_exit"].items()}
@@ -255,13 +276,15 @@ class ExitPlan:
         may_exit = per_row([p != "full" for p in policy], torch.bool, False)
         decode = torch.cat([layout.decode_row, torch.zeros(pad, dtype=torch.bool)]) if pad else layout.decode_row
         rate, threshold = {}, {}
-        for e, t in zip(cfg.exits, cfg.thresholds):
+        inf = float("inf")
+        for e in cfg.exits:
             rate[e] = per_row([f.get(e, float("nan")) for f in force], torch.float32, float("nan"))
-            threshold[e] = torch.full((n_rows,), float("inf") if t is None else t, dtype=torch.float32)
+            threshold[e] = per_row([t.get(e, inf) for t in thr], torch.float32, inf)
         sync = num_reqs > 0 and all(p == "sync" for p in policy)
         # parking needs the E3 runner (step context) to reschedule the request
         may_park = per_row([p == "e3" and step is not None for p in policy], torch.bool, False) & decode
-        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True), may_park)
+        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True), may_park,
+                   decode)
 
 
 @dataclass
@@ -270,8 +293,8 @@ class ExitStats:
     steps: int = 0
     decode_tokens: int = 0       # decode tokens computed (a parked token once)
     exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
-    layers_run: int = 0          # sum over rows of decoder layers run
-    layers_full: int = 0         # the same had no row exited
+    layers_run: int = 0          # decoder layers run by decode tokens (a parked one: both parts)
+    layers_full: int = 0         # the same had no token exited
     kv_fill_rows: int = 0        # sum over exited rows of layers filled
     mixed_exit_steps: int = 0    # steps whose tokens left at two or more exits
     parked: int = 0              # tokens parked (a token parked twice counts twice)
@@ -279,6 +302,19 @@ class ExitStats:
     park_wait_hist: dict[int, int] = dataclasses.field(default_factory=dict)  # steps waited -> tokens
     stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> decode rows run
     stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> runs with decode rows
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RequestExitStats:
+    """One request's decode tokens, as a client reads them (vllm_e3.stats)."""
+    tokens: int = 0              # decode tokens produced (the prefill's token not included)
+    layers_run: int = 0          # decoder layers they ran
+    layers_full: int = 0         # the same without exits
+    exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
+    parked: int = 0              # times a token of it was parked
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ each model forward; the model reads it with `current_step()`. Row `i` of the
 forward belongs to request `req_ids[j]` where `j` is row `i`'s request in the
 attention metadata's `query_start_loc` order (the input batch's order).
 
-Per-request extras come from `SamplingParams.extra_args`. Test- and
+Per-request extras come from `SamplingParams.extra_args`: the user-facing
+knobs of `vllm_e3.knobs` (`e3_enabled`, `e3_target_agreement`) and test- and
 benchmark-only keys (not part of the user-facing API; they let one engine
 serve many cases, since an engine takes ~25 s to start):
 - `_e3_policy`: "full" (this request never exits) | "token" | "sync" | "e3"
@@ -33,8 +34,9 @@ class StepContext:
     # stopped.
     parked_req_ids: list[str] = field(default_factory=list)
 
-    def has_overrides(self) -> bool:
-        return any(a and any(k in a for k in TEST_KEYS) for a in self.extra_args)
+    def has_extras(self) -> bool:
+        """Does any request carry extra_args (knobs or test overrides)?"""
+        return any(self.extra_args)
 
 
 _current: StepContext | None = None

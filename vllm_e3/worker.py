@@ -31,10 +31,9 @@ class E3CPUModelRunner(CPUModelRunner):
         # model also drops any state a step does not resume, e.g. preempted).
         dropped = scheduler_output.finished_req_ids
         if dropped:
-            parked = getattr(self.get_model(), "e3_parked", None)
-            if parked:
-                for rid in dropped:
-                    parked.pop(rid, None)
+            finish = getattr(self.get_model(), "e3_finish_requests", None)
+            if finish is not None:
+                finish(dropped)
         return super()._update_states(scheduler_output)
 
     def _model_forward(self, *args, **kwargs):
@@ -57,7 +56,14 @@ class E3CPUWorker(CPUWorker):
         if not isinstance(self.model_runner, E3CPUModelRunner) and not self.use_v2_model_runner:
             self.model_runner = E3CPUModelRunner(self.vllm_config, torch.device("cpu"))
 
-    # ---- offline introspection by name (llm.collective_rpc, vllm_e3.stats)
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        from .metrics import start_publisher
+
+        self._e3_publisher = start_publisher(self._e3_model())   # counters for /metrics
+        return out
+
+    # ---- introspection by name (llm.collective_rpc, vllm_e3.stats, vllm_e3.http)
     def _e3_model(self):
         return self.model_runner.get_model()
 
@@ -69,8 +75,20 @@ class E3CPUWorker(CPUWorker):
 
         return exit_stats(self._e3_model())
 
+    def e3_request_stats(self, ids: list[str] | None = None) -> dict[str, dict]:
+        from .stats import request_stats
+
+        return request_stats(self._e3_model(), ids)
+
     def e3_parked_count(self) -> int:
         return len(getattr(self._e3_model(), "e3_parked", {}))
+
+    def e3_live_state(self) -> dict[str, int]:
+        """What the worker holds right now: parked tokens, requests with
+        running counters (both 0 once every request has ended)."""
+        model = self._e3_model()
+        return {"parked_now": len(getattr(model, "e3_parked", {})),
+                "requests_tracked": len(getattr(model, "e3_requests", {}))}
 
     def e3_reset_exit_stats(self) -> None:
         from .stats import reset_exit_stats

@@ -31,9 +31,12 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from ..config import RAMPS_FILENAME, e3_config_from_vllm, e3_dir
-from ..exits import (Active, AttentionView, ExitPlan, ExitStats, Parked, RowLayout,
+from collections import OrderedDict
+
+from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
+from ..exits import (Active, AttentionView, ExitPlan, ExitStats, Parked, RequestExitStats, RowLayout,
                      forced_exit_mask, kv_fill_layer)
+from ..knobs import CalibrationTable
 from ..kernels import compact, exit_confidence, gate_confidence
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
@@ -62,8 +65,13 @@ class E3CausalLMMixin:
             for e in self.e3.exits
         })
         require_gates(self.e3, specs, ramps_path)
+        self.e3_table = CalibrationTable.load(os.path.join(e3_dir(vllm_config.model_config.model),
+                                                           CALIBRATION_FILENAME))
         self.e3_stats = ExitStats()
         self.e3_parked: dict[str, Parked] = {}   # request id -> its parked token
+        # per request id: running requests, and the last FINISHED_KEPT finished
+        self.e3_requests: dict[str, RequestExitStats] = {}
+        self.e3_finished: OrderedDict[str, RequestExitStats] = OrderedDict()
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
@@ -146,7 +154,7 @@ class E3CausalLMMixin:
         out = torch.zeros_like(h)                         # [N, d] head input per row
         layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())))
         step = current_step()
-        plan = ExitPlan.build(cfg, layout, h.shape[0], step)
+        plan = ExitPlan.build(cfg, layout, h.shape[0], step, self.e3_table)
         attn_layers = {layer.self_attn.attn.layer_name: layer.self_attn.attn for layer in model.layers}
         view = AttentionView(fc, attn_layers)
         act = Active(torch.arange(h.shape[0]), h, None, positions, input_ids,
@@ -165,6 +173,7 @@ class E3CausalLMMixin:
         stats.decode_tokens += n_decode
         stats.layers_full += n_decode * self.e3_num_layers
         restricted = bool(resume)
+        parked_rows: list[torch.Tensor] = []
         try:
             for start, end in cfg.stages(self.e3_num_layers):
                 if start in resume:                        # parked tokens rejoin here
@@ -179,7 +188,7 @@ class E3CausalLMMixin:
                 for layer in model.layers[start:end]:
                     h, residual = layer(act.positions, h, residual)
                 act.h, act.residual = h, residual
-                n_dec = int(plan.may_exit[act.rows].sum())
+                n_dec = int(plan.decode[act.rows].sum())
                 stats.layers_run += n_dec * (end - start)
                 if n_dec:  # batch sizes a stage ran at, counted in decode tokens
                     stats.stage_rows[start] = stats.stage_rows.get(start, 0) + n_dec
@@ -189,7 +198,7 @@ class E3CausalLMMixin:
                 act, gone = self._e3_exit(end, plan, layout, act, out, exited)
                 restricted |= gone
                 if act.rows.numel() and self._e3_should_park(end, plan, act, resume):
-                    self._e3_park(end, act, resume, layout, step)
+                    parked_rows.append(self._e3_park(end, act, resume, layout, step))
                     act = act.take(act.rows[:0])
             if act.rows.numel():
                 out[act.rows] = model.norm(act.h, act.residual)[0]
@@ -197,6 +206,8 @@ class E3CausalLMMixin:
         finally:
             view.restore()
         stats.mixed_exit_steps += len(exited) > 1
+        if step is not None:
+            self._e3_account(layout, step, exited, parked_rows)
         exited = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in exited]
         exited = [g for g in exited if g[1].numel()]
         if exited:
@@ -207,7 +218,9 @@ class E3CausalLMMixin:
         """Exit decisions at exit point `e`: exited rows write their head input
         and are recorded for KV fill; the rest are compacted. Returns the new
         active set and whether it changed."""
-        cand = plan.may_exit[act.rows].nonzero().squeeze(1)      # active-row indices
+        r = act.rows                                              # rows that can leave at e:
+        can = plan.may_exit[r] & (torch.isfinite(plan.threshold[e][r]) | ~torch.isnan(plan.rate[e][r]))
+        cand = can.nonzero().squeeze(1)                           # active-row indices
         n_real = int((act.rows < layout.num_rows).sum())
         if cand.numel() == 0 or (plan.sync and cand.numel() != n_real):
             return act, False
@@ -243,7 +256,9 @@ class E3CausalLMMixin:
             return False
         return joining is None or not bool((joining.waited >= bound).any())
 
-    def _e3_park(self, e: int, act: Active, resume, layout: RowLayout, step) -> None:
+    def _e3_park(self, e: int, act: Active, resume, layout: RowLayout, step) -> torch.Tensor:
+        """Park the group (with tokens parked at `e` earlier that did not
+        resume): returns its forward rows."""
         group = act.merge(resume.pop(e)) if e in resume else act
         req = layout.req_of_row[group.rows].tolist()
         pos, tok, waited = group.positions.tolist(), group.tokens.tolist(), group.waited.tolist()
@@ -253,6 +268,7 @@ class E3CausalLMMixin:
                                          pos[i], tok[i], waited[i] + 1)
             step.parked_req_ids.append(rid)
         self.e3_stats.parked += len(req)
+        return group.rows
 
     def _e3_take_resumed(self, layout: RowLayout, act: Active, step) -> dict[int, Active]:
         """Rows of this step that resume a parked token: the same request, a
@@ -281,6 +297,46 @@ class E3CausalLMMixin:
                                 act.tokens[rows], torch.tensor([st.waited for _, st in items]))
             self.e3_stats.resumed += len(items)
         return out
+
+    FINISHED_KEPT = 4096
+
+    def _e3_account(self, layout: RowLayout, step, exited, parked_rows) -> None:
+        """Per-request counters of this step: a decode token counts when it
+        yields its token (exited or ran to the end), not when it parks."""
+        L = self.e3_num_layers
+        layers = torch.full((layout.num_rows,), L, dtype=torch.long)
+        for e, r, _, _ in exited:
+            layers[r] = e
+        done = layout.decode_row.clone()
+        for r in parked_rows:
+            done[r[r < layout.num_rows]] = False
+        rows = done.nonzero().squeeze(1)
+        reqs = self.e3_requests
+        for j, n in zip(layout.req_of_row[rows].tolist(), layers[rows].tolist()):
+            st = reqs.get(step.req_ids[j])
+            if st is None:
+                st = reqs[step.req_ids[j]] = RequestExitStats()
+            st.tokens += 1
+            st.layers_run += n
+            st.layers_full += L
+            if n < L:
+                st.exited[n] = st.exited.get(n, 0) + 1
+        for r in parked_rows:
+            for j in layout.req_of_row[r[r < layout.num_rows]].tolist():
+                st = reqs.get(step.req_ids[j])
+                if st is None:
+                    st = reqs[step.req_ids[j]] = RequestExitStats()
+                st.parked += 1
+
+    def e3_finish_requests(self, req_ids) -> None:
+        """Finished or aborted: drop parked state, keep the request's counters
+        among the last FINISHED_KEPT finished."""
+        for rid in req_ids:
+            self.e3_parked.pop(rid, None)
+            # a request that never ran a decode step on this path reads as zeros
+            self.e3_finished[rid] = self.e3_requests.pop(rid, None) or RequestExitStats()
+        while len(self.e3_finished) > self.FINISHED_KEPT:
+            self.e3_finished.popitem(last=False)
 
     def _e3_record_waits(self, waited: torch.Tensor) -> None:
         hist = self.e3_stats.park_wait_hist

@@ -1,0 +1,306 @@
+"""Serving (issue 7): per-request knobs through `vllm_xargs`, exit metrics on
+/metrics and per-response statistics, and reliability under load, client
+disconnects and bad input.
+
+Three engines for the whole module (float32, eager, so numerics cannot mask a
+difference):
+- server `knobs`: a planted deployment -- exits 8/15/22 that never fire by
+  default, and a calibration table whose rows send every token out at 15
+  (target <= 0.9), at 22 (target <= 0.95), or nowhere (0.99);
+- server `load`: the shipped weights under policy e3 with the synthetic
+  "middle" profile (30% of decode tokens leave at 8, 25% at 15, 20% at 22);
+- `offline`: `LLM(...)` on the planted deployment, where the test-only
+  per-request overrides give the forced exits and the full model (exits off)
+  to compare the servers with.
+"""
+import asyncio
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from servers import planted_model_dir, process_tree_rss, vllm_server
+
+MIDDLE = {"8": 0.3, "15": 0.357, "22": 0.444}
+PLANTED_CONFIG = {"policy": "token", "exits": [8, 15, 22], "confidence": "max_prob"}
+PLANTED_TABLE = {"exits": [8, 15, 22], "table": [
+    {"target_agreement": 0.9, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, 0.0, None]}},
+    {"target_agreement": 0.95, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, None, 0.0]}},
+    {"target_agreement": 0.99, "policy": "full", "chosen": None},
+]}
+COMMON = ["--dtype", "float32", "--enforce-eager", "--served-model-name", "m", "--max-model-len", "1024"]
+PLUGINS = {"VLLM_PLUGINS": "e3,e3_http"}   # the per-response routes are opt-in (vllm_e3/http.py)
+
+# 50 distinct prompts of varied length; the load test sends each 10 times
+SUBJECTS = ["the ocean", "a robot", "mathematics", "the moon", "a small cat", "coffee", "rivers",
+            "an old library", "winter", "electricity"]
+FORMS = ["Write one sentence about {}.", "def describe_{}():", "Here is a short story about {}:",
+         "Q: What do you know about {}?\nA:", "List three facts about {}:"]
+LOAD_PROMPTS = [f.format(s if not f.startswith("def") else s.replace(" ", "_")) for s in SUBJECTS for f in FORMS]
+LOAD_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def planted(model_dir, tmp_path_factory):
+    return planted_model_dir(model_dir, str(tmp_path_factory.mktemp("planted") / "model"),
+                             PLANTED_CONFIG, PLANTED_TABLE)
+
+
+@pytest.fixture(scope="module")
+def knobs_server(planted, tmp_path_factory):
+    log = tmp_path_factory.mktemp("knobs") / "server.log"
+    with vllm_server(planted, ["--model-impl", "e3", *COMMON, "--max-num-seqs", "16"], log, PLUGINS) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def load_server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("load") / "server.log"
+    e3 = {"e3": {"policy": "e3", "exits": [8, 15, 22], "force_exit": MIDDLE, "target_batch": 32}}
+    args = ["--model-impl", "e3", *COMMON, "--max-num-seqs", "64", "--additional-config", json.dumps(e3)]
+    with vllm_server(model_dir, args, log, PLUGINS) as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def offline(planted):
+    from vllm import LLM
+
+    from helpers import free_engine
+
+    llm = LLM(planted, model_impl="e3", dtype="float32", enforce_eager=True, max_model_len=1024,
+              max_num_seqs=64)
+    yield llm
+    free_engine(llm)
+
+
+def offline_texts(llm, prompts, max_tokens, extra):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=extra)
+    return [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def get(url: str) -> tuple[int, dict | str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read().decode()
+            return r.status, json.loads(body) if body.startswith("{") else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def complete(url: str, prompt: str, max_tokens: int = 8, **xargs) -> tuple[int, dict]:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return post(f"{url}/completions", body)
+
+
+def root(url: str) -> str:
+    return url[: -len("/v1")]
+
+
+# ---- knobs ---------------------------------------------------------------------------------------
+KNOB_PROMPTS = ["def fibonacci(n):", "The three primary colors are", "Once upon a time, in a small village"]
+
+
+def test_knobs_pick_the_calibrated_thresholds(knobs_server, offline):
+    """Each knob value gives exactly the tokens of the exits its table row
+    names; off, 1.0 and the engine default give the full model."""
+    full = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_policy": "full"})
+    at15 = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_force_exit": {15: 1.0}})
+    at22 = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_force_exit": {22: 1.0}})
+    assert at15 != full and at22 != full and at15 != at22   # the cases differ, so the test can fail
+    cases = [({}, full), ({"e3_enabled": 0}, full), ({"e3_enabled": False}, full), ({"e3_enabled": 1}, full),
+             ({"e3_target_agreement": 0.9}, at15), ({"e3_target_agreement": 0.5}, at15),
+             ({"e3_target_agreement": 0.93}, at22), ({"e3_target_agreement": 0.95}, at22),
+             ({"e3_target_agreement": 0.97}, full), ({"e3_target_agreement": 1}, full),
+             ({"e3_enabled": 0, "e3_target_agreement": 0.9}, full)]
+    for xargs, want in cases:
+        got = []
+        for p in KNOB_PROMPTS:
+            status, body = complete(knobs_server, p, **xargs)
+            assert status == 200, (xargs, body)
+            got.append(body["choices"][0]["text"])
+        assert got == want, xargs
+
+
+def test_per_response_stats_and_metrics_agree(knobs_server):
+    """GET /v1/e3/requests/{id} counts a response's decode tokens and exits;
+    /metrics carries the engine totals in vLLM's Prometheus registry."""
+    url = knobs_server
+    ids = []
+    for xargs in ({"e3_target_agreement": 0.9}, {"e3_target_agreement": 0.95}, {"e3_enabled": 0}):
+        status, body = complete(url, "The quick brown fox", max_tokens=9, **xargs)
+        assert status == 200 and body["usage"]["completion_tokens"] == 9
+        ids.append(body["id"])
+    stats = [get(f"{root(url)}/v1/e3/requests/{rid}")[1] for rid in ids]
+    # the first token comes from the prefill, which runs every layer
+    assert [s["tokens"] for s in stats] == [8, 8, 8]
+    assert [s["exited"] for s in stats] == [{"15": 8}, {"22": 8}, {}]
+    assert [s["layers_run"] for s in stats] == [8 * 15, 8 * 22, 8 * 30]
+    assert all(s["layers_full"] == 8 * 30 for s in stats)
+    assert get(f"{root(url)}/v1/e3/requests/cmpl-unknown")[0] == 404
+
+    time.sleep(0.6)   # the worker publishes every 0.25 s
+    _, engine = get(f"{root(url)}/v1/e3/stats")
+    _, text = get(f"{root(url)}/metrics")
+    metric = lambda name, **lab: sum(float(v) for labels, v in re.findall(
+        rf'^vllm_e3:{name}_total\{{([^}}]*)\}} (\S+)$', text, re.M)
+        if all(f'{k}="{x}"' in labels for k, x in lab.items()))
+    assert metric("tokens_exited", exit="15") == engine["exited"]["15"] > 0
+    assert metric("tokens_exited", exit="22") == engine["exited"]["22"] > 0
+    assert metric("decode_tokens") == engine["decode_tokens"]
+    assert metric("decoder_layers_run") == engine["layers_run"] < metric("decoder_layers_full")
+    assert metric("kv_fill_rows") == engine["kv_fill_rows"] > 0
+    assert engine["parked_now"] == 0 and engine["requests_tracked"] == 0
+    assert 'model_name="m"' in text and "vllm:" in text        # vLLM's own metrics are still there
+
+
+BAD = [
+    ({"vllm_xargs": {"e3_enabled": "yes"}}, "e3_enabled"),
+    ({"vllm_xargs": {"e3_enabled": 2}}, "e3_enabled"),
+    ({"vllm_xargs": {"e3_target_agreement": 1.5}}, "e3_target_agreement"),
+    ({"vllm_xargs": {"e3_target_agreement": 0}}, "e3_target_agreement"),
+    ({"vllm_xargs": {"e3_target_agreement": "high"}}, "e3_target_agreement"),
+    ({"vllm_xargs": {"e3_thresholds": [0.5]}}, "e3_thresholds"),
+    ({"max_tokens": 10**9}, "max_tokens"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"temperature": -3}, "temperature"),
+    ({"prompt": ""}, "prompt"),
+]
+
+
+def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(knobs_server):
+    good = {"model": "m", "prompt": "The three primary colors are", "max_tokens": 4, "temperature": 0}
+    status, ok = post(f"{knobs_server}/completions", good)
+    assert status == 200
+    for change, field in BAD:
+        status, body = post(f"{knobs_server}/completions", {**good, **change})
+        assert 400 <= status < 500, (change, status, body)
+        assert field in json.dumps(body), (change, body)
+        status, again = post(f"{knobs_server}/completions", good)
+        assert status == 200 and again["choices"][0]["text"] == ok["choices"][0]["text"]
+
+
+def test_target_without_calibration_table_is_refused(load_server):
+    url, _ = load_server
+    status, body = complete(url, "Hello", e3_target_agreement=0.9)
+    assert status == 400 and "calibration table" in body["error"]["message"]
+    assert complete(url, "Hello", e3_enabled=1)[0] == 200
+
+
+def test_vanilla_engine_args_are_untouched(model_dir):
+    """Nothing of vllm-e3 reaches an engine without --model-impl e3."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    before = os.environ.get("VLLM_E3_STATS_FILE")
+    cfg = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True).create_engine_config()
+    assert not cfg.model_config.logits_processors
+    assert cfg.parallel_config.worker_cls != "vllm_e3.worker.E3CPUWorker"
+    assert os.environ.get("VLLM_E3_STATS_FILE") == before
+
+
+# ---- load, disconnects ---------------------------------------------------------------------------
+async def _stream_all(url: str, prompts: list[str], concurrency: int) -> list[str | Exception]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(p):
+        async with sem:
+            try:
+                stream = await client.completions.create(model="m", prompt=p, max_tokens=LOAD_TOKENS,
+                                                         temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream if c.choices])
+            except Exception as e:   # counted as failed
+                return e
+
+    try:
+        return await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        await client.close()
+
+
+def test_load_500_streaming_requests(load_server, offline):
+    """500 requests, 64 concurrent streaming clients, policy e3 with parking:
+    none fails or is lost, every output equals the offline run's, and the
+    server's memory is flat."""
+    url, proc = load_server
+    want = dict(zip(LOAD_PROMPTS, offline_texts(offline, LOAD_PROMPTS, LOAD_TOKENS,
+                                                {"_e3_policy": "token", "_e3_force_exit": MIDDLE})))
+    warm = asyncio.run(_stream_all(url, LOAD_PROMPTS[:64] + LOAD_PROMPTS[:14], 64))
+    assert [w for w in warm if isinstance(w, Exception)] == []
+    rss_warm = process_tree_rss(proc.pid)
+    prompts = [LOAD_PROMPTS[(i * 7) % len(LOAD_PROMPTS)] for i in range(500)]
+    outs = asyncio.run(_stream_all(url, prompts, 64))
+    failed = [o for o in outs if isinstance(o, Exception)]
+    assert failed == [] and len(outs) == 500
+    wrong = [(p, o, want[p]) for p, o in zip(prompts, outs) if o != want[p]]
+    assert wrong == []
+    rss_after = process_tree_rss(proc.pid)
+    assert abs(rss_after - rss_warm) <= 0.10 * rss_warm, (rss_warm, rss_after)
+    _, engine = get(f"{root(url)}/v1/e3/stats")
+    assert engine["parked"] > 0 and engine["resumed"] > 0          # regrouping happened under load
+    assert max(int(k) for k in engine["park_wait_hist"]) <= 4     # max_park_steps
+
+
+def test_disconnects_and_aborts_leave_nothing_stuck(load_server):
+    url, _ = load_server
+
+    async def drop_after_two_chunks(n):
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        try:
+            async def one(i):
+                stream = await client.completions.create(model="m", prompt=LOAD_PROMPTS[i], max_tokens=200,
+                                                         temperature=0, stream=True)
+                k = 0
+                async for _ in stream:
+                    k += 1
+                    if k == 2:
+                        break
+                await stream.close()      # the client goes away mid-stream
+            await asyncio.gather(*(one(i) for i in range(n)))
+        finally:
+            await client.close()
+
+    async def cancelled(n):
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+        tasks = [asyncio.create_task(client.completions.create(model="m", prompt=p, max_tokens=200, temperature=0))
+                 for p in LOAD_PROMPTS[:n]]
+        await asyncio.sleep(1.5)
+        for t in tasks:
+            t.cancel()                      # the request is aborted while running
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+
+    asyncio.run(drop_after_two_chunks(24))
+    asyncio.run(cancelled(24))
+    status, body = complete(url, LOAD_PROMPTS[0], max_tokens=LOAD_TOKENS)
+    assert status == 200 and body["usage"]["completion_tokens"] == LOAD_TOKENS
+    deadline = time.time() + 30
+    while True:
+        _, engine = get(f"{root(url)}/v1/e3/stats")
+        if engine["parked_now"] == 0 and engine["requests_tracked"] == 0:
+            break
+        assert time.time() < deadline, engine
+        time.sleep(0.5)
