@@ -12,7 +12,8 @@ config, in the front-end process, before any engine process starts. With
   the model which requests its rows belong to and drops parked rows' tokens;
   the scheduler reschedules parked requests at the same position);
 - turns prefix caching off under policy e3 (a parked token's deep-layer KV is
-  written only when it resumes);
+  written only when it resumes), and async scheduling (refused when asked
+  for explicitly: a parked token is rescheduled at the same position);
 - adds the logits processor whose `validate_params` checks the per-request
   knobs in the front end (vllm_e3.knobs), and points the front end's exit
   metrics at the file the worker will publish (vllm_e3.metrics);
@@ -100,6 +101,13 @@ def _make(orig):
             logger.info("vllm-e3: policy e3 turns prefix caching off (parked tokens' "
                         "deep-layer KV is written when they resume)")
             self.enable_prefix_caching = False
+        if e3cfg.policy == "e3" and getattr(self, "async_scheduling", None) is not False:
+            if self.async_scheduling:
+                raise ValueError(
+                    "--model-impl e3 with policy 'e3' does not support --async-scheduling: a parked "
+                    "token yields no output and is rescheduled at the same position, which the async "
+                    "scheduler's placeholders cannot express; drop --async-scheduling or use policy 'token'")
+            self.async_scheduling = False     # auto: off (the CPU platform turns it off as well)
         if e3cfg.exits_active and not self.enforce_eager:
             logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
             self.enforce_eager = True

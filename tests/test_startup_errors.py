@@ -28,6 +28,14 @@ def test_bad_e3_config(model_dir, e3, msg):
     assert msg in str(ei.value)
 
 
+def test_policy_e3_refuses_async_scheduling(model_dir):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="does not support --async-scheduling"):
+        LLM(model_dir, model_impl="e3", enforce_eager=True, async_scheduling=True,
+            additional_config={"e3": {"policy": "e3", "exits": [8]}})
+
+
 @pytest.fixture()
 def model_copy(model_dir, tmp_path):
     """A model directory of links to the prepared one, with its own e3/."""
