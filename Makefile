@@ -34,5 +34,18 @@ test: prepare
 bench: prepare
 	@$(BIN)/python benchmarks/bench_policies.py $(ARGS)
 
+# The embedded default's ramps and calibration, committed in $(RAMPS_OUT), are
+# made by exactly these two commands (each records its command line in what it
+# writes: ramps.safetensors metadata, train_report.json, calibration.json).
+# Corpora and captured states are cached under $$VLLM_E3_HOME/cache, so a
+# rerun resumes. `vllm-e3 prepare` (make serve) installs the result into the
+# model's e3/ folder.
+RAMPS_OUT := artifacts/smollm2-135m/e3
+ramps: setup
+	@$(BIN)/vllm-e3 prepare --no-e3 > /dev/null
+	@MODEL=$$($(BIN)/vllm-e3 prepare --no-e3 --quiet | tail -n 1); set -e; \
+	$(BIN)/vllm-e3 train "$$MODEL" --out $(RAMPS_OUT); \
+	$(BIN)/vllm-e3 calibrate "$$MODEL" --out $(RAMPS_OUT) --target-agreement 0.99
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,7 +26,7 @@ def main() -> None:
     from common import machine, median, random_prompts, timed
     from vllm_e3.prepare import prepare
 
-    model = prepare()
+    model = prepare(deploy=False)   # vanilla engines only
     prompts = [TokensPrompt(prompt_token_ids=p) for p in random_prompts(args.batch, args.input_len, 49152)]
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     engines = {dt: LLM(model, dtype=dt, enforce_eager=True, max_num_seqs=args.batch, seed=0)

@@ -46,6 +46,7 @@ import gzip
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -613,7 +614,12 @@ def _e3_json(d: dict) -> dict:
 def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = None, n_humaneval: int = 100,
               builtin: bool = True, max_tokens: int = 64, free_prompts: int = 8, free_tokens: int = 64,
               cost_rows: int = 64, engine_dtype: str = "float32", cache_dir: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, command: str | None = None) -> dict:
+    """Calibrate the ramps in `out_dir` (default MODEL_DIR/e3) on held-out
+    prompts; writes calibration.json, config.json, report.json and report.png
+    there and returns the report. `command`, the command line that ran it, is
+    recorded in calibration.json and the report, beside the training
+    command from the ramps' metadata."""
     from transformers import AutoTokenizer
 
     t_start = time.time()
@@ -659,7 +665,8 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
         t0 = time.time()
         free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos)
         _log(f"calibrate: free-running comparison on {len(pick)} prompts: {time.time() - t0:.0f}s")
-    cal.update(model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
+    cal.update(command=command, train_command=meta.get("command"),
+               model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
                "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,
                "engine_dtype": engine_dtype,
@@ -667,7 +674,8 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
                costs_in_layers=costs.__dict__, num_layers=L,
                cost_model="cost/token = exit layer + checks*(ramp + confidence) + skipped layers*kv_fill; "
                           "full = L; the shared final LM head is not counted")
-    report = {"target_agreement": target, "config": config, "costs_in_layers": costs.__dict__,
+    report = {"command": command, "train_command": meta.get("command"), "target_agreement": target,
+              "config": config, "costs_in_layers": costs.__dict__,
               "ramp_agreement": {str(e): float(s.agree[:, j].float().mean()) for j, e in enumerate(s.exits)},
               "per_exit": per_exit_sweeps(s, costs, L), "free_running": free,
               "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
@@ -802,15 +810,17 @@ def _calibrate_main(args) -> int:
     calibrate(args.model_dir, target=args.target_agreement, out_dir=args.out, n_humaneval=args.humaneval,
               builtin=not args.no_builtin_heldout, max_tokens=args.max_tokens, free_prompts=args.free_prompts,
               free_tokens=args.free_tokens, cost_rows=args.cost_rows, engine_dtype=args.engine_dtype,
-              cache_dir=args.cache_dir,
-              progress=not args.no_progress)
+              cache_dir=args.cache_dir, progress=not args.no_progress,
+              command=getattr(args, "command", None))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-e3")
     add_calibrate_parser(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(["calibrate", *(sys.argv[1:] if argv is None else argv)])
+    argv = ["calibrate", *(sys.argv[1:] if argv is None else argv)]
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["vllm-e3", *argv])
     return args.func(args)
 
 

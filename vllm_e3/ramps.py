@@ -17,7 +17,8 @@ Artifact schema (safetensors; every tensor in the model's hidden size d):
     exits.<e>.gate.weight  [1, d]     optional: the learned confidence gate
     exits.<e>.gate.bias    [1]        optional, present iff gate.weight is
 Metadata (strings): `format` = "vllm-e3.ramps/1", `exits` (JSON list),
-`base_model_hash` (see `model_hash`), `recipe` (JSON), `data_hash`.
+`base_model_hash` (see `model_hash`), `recipe` (JSON), `data_hash`, and
+optionally `command` (the command line that made the file).
 An exit listed in the E3 config with no tensors in the file uses the identity
 ramp; tensors of exits not in the config are ignored.
 """
@@ -138,7 +139,7 @@ def load_ramp_tensors(path: str, exits) -> dict[str, torch.Tensor]:
 
 
 def save_ramps(path: str, tensors: dict[str, torch.Tensor], *, exits, base_model_hash: str,
-               recipe: dict, data_hash: str) -> None:
+               recipe: dict, data_hash: str, command: str | None = None) -> None:
     from safetensors.torch import save_file
 
     meta = {
@@ -148,6 +149,8 @@ def save_ramps(path: str, tensors: dict[str, torch.Tensor], *, exits, base_model
         "recipe": json.dumps(recipe, sort_keys=True),
         "data_hash": data_hash,
     }
+    if command:
+        meta["command"] = command
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)

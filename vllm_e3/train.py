@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -498,11 +499,12 @@ def _split_rows(c: Captured, valid_fraction: float, seed: int) -> tuple[torch.Te
 
 def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts: list[str] | None = None,
           prompt_ids: list[list[int]] | None = None, cache_dir: str | None = None, generate=None,
-          progress: bool = True) -> dict:
+          progress: bool = True, command: str | None = None) -> dict:
     """Run the whole pipeline; returns the training report (also written to
     <out>/train_report.json). `prompt_ids` (already chat-templated token ids)
     bypasses the tokenizer; `generate(model_dir, prompt_ids, max_tokens)`
-    replaces vLLM as the corpus generator (tests)."""
+    replaces vLLM as the corpus generator (tests); `command`, the command line
+    that ran it, goes into the artifact's metadata and the report."""
     t_start = time.time()
     out_dir = out_dir or e3_dir(model_dir)
     model = load_base(model_dir)
@@ -569,14 +571,16 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
         tensors[ramp_key(e, "gate.weight")] = w.to(torch.bfloat16)
         tensors[ramp_key(e, "gate.bias")] = b.to(torch.bfloat16)
     path = os.path.join(out_dir, RAMPS_FILENAME)
-    save_ramps(path, tensors, exits=exits, base_model_hash=base_hash, recipe=asdict(recipe), data_hash=data_hash)
+    save_ramps(path, tensors, exits=exits, base_model_hash=base_hash, recipe=asdict(recipe), data_hash=data_hash,
+               command=command)
     validate_ramps(path, exits, d)
     report["ramps"] = os.path.abspath(path)
     report["bytes"] = os.path.getsize(path)
     report["seconds"] = round(time.time() - t_start, 1)
     _log(f"wrote {path} ({report['bytes'] / 1e6:.2f} MB) in {report['seconds']:.0f}s")
     with open(os.path.join(out_dir, "train_report.json"), "w") as f:
-        json.dump({"recipe": asdict(recipe), "data_hash": data_hash, "base_model_hash": base_hash, **report},
+        json.dump({"command": command, "recipe": asdict(recipe), "data_hash": data_hash,
+                   "base_model_hash": base_hash, **report},
                   f, indent=2)
     return report
 
@@ -641,14 +645,16 @@ def _train_main(args) -> int:
                     batch=args.batch, lr=args.lr, seed=args.seed, engine_dtype=args.engine_dtype,
                     prompts=os.path.basename(args.prompts) if args.prompts else "builtin:train")
     train(args.model_dir, recipe, out_dir=args.out, prompts=prompts, cache_dir=args.cache_dir,
-          progress=not args.no_progress)
+          progress=not args.no_progress, command=getattr(args, "command", None))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-e3")
     add_train_parser(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    argv = ["train", *(sys.argv[1:] if argv is None else argv)]
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["vllm-e3", *argv])
     return args.func(args)
 
 
