@@ -10,6 +10,10 @@ HOST ?= 127.0.0.1
 # "The capital of France is Paris." eager), so the default server runs eager.
 # SERVE_FLAGS= brings vLLM's default back.
 SERVE_FLAGS ?= --enforce-eager
+# vLLM plugins the server loads: e3 (the model, scheduler, worker) and e3_http
+# (GET /v1/e3/requests/{id}: per-response exit statistics), which vLLM loads
+# only when VLLM_PLUGINS names it.
+SERVE_PLUGINS ?= e3,e3_http
 # KV cache for CPU engines, GiB (vLLM claims most of the RAM otherwise).
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 export VLLM_TARGET_DEVICE := cpu
@@ -25,7 +29,7 @@ prepare: setup
 serve: prepare
 	@MODEL=$$($(BIN)/vllm-e3 prepare --quiet | tail -n 1); \
 	echo "serving $$MODEL on http://$(HOST):$(PORT) with --model-impl e3"; \
-	exec $(BIN)/vllm serve "$$MODEL" --model-impl e3 --host $(HOST) --port $(PORT) \
+	exec env VLLM_PLUGINS=$(SERVE_PLUGINS) $(BIN)/vllm serve "$$MODEL" --model-impl e3 --host $(HOST) --port $(PORT) \
 	  --served-model-name smollm2-135m-instruct $(SERVE_FLAGS) $(ARGS)
 
 test: prepare

@@ -44,6 +44,12 @@ def test_file_and_deployment_deep_merge(tmp_path):
     cfg = load_e3_config(str(tmp_path), {"thresholds": [0.5, 0.7]})
     assert cfg.policy == "token" and cfg.exits == (8, 15) and cfg.confidence == "margin"
     assert cfg.thresholds == (0.5, 0.7)
+    # new exits: the file's thresholds and measure (made for its exits) go, the rest stays
+    cfg = load_e3_config(str(tmp_path), {"exits": [4, 12, 20]})
+    assert cfg.exits == (4, 12, 20) and cfg.thresholds == (None, None, None)
+    assert cfg.confidence == "max_prob" and cfg.policy == "token"
+    cfg = load_e3_config(str(tmp_path), {"exits": [4], "confidence": "gate", "thresholds": [0.3]})
+    assert cfg.confidence == "gate" and cfg.thresholds == (0.3,)
     assert load_e3_config(str(tmp_path / "nowhere")).policy == "full"
     (tmp_path / "e3" / "config.json").write_text("{not json")
     with pytest.raises(E3ConfigError, match="cannot read E3 config"):

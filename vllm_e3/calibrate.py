@@ -606,6 +606,25 @@ def config_for(row: dict, exits) -> dict:
                                "confidence": best["measure"]}).to_dict()
 
 
+def deployment_config(table: list[dict], target: float, exits) -> dict:
+    """The deployment's E3Config dict: the thresholds of the row for `target`
+    at its kept exits, and every other exit that a row of the same measure
+    keeps present with no threshold, so that a request's
+    `e3_target_agreement` (vllm_e3.knobs) can use that row's exits. An exit
+    without a threshold costs a stage boundary, nothing more."""
+    row = next(r for r in table if r["target_agreement"] == target)
+    best = row["chosen"]
+    if best is None:
+        return config_for(row, exits)
+    measure = best["measure"]
+    used = sorted({e for r in table if r["chosen"] and r["chosen"]["measure"] == measure
+                   for e in r["chosen"]["exits_kept"]})
+    thr = dict(zip(exits, best["thresholds"]))
+    return E3Config.from_dict({"policy": "token", "exits": used,
+                               "thresholds": [thr[e] if e in best["exits_kept"] else None for e in used],
+                               "confidence": measure}).to_dict()
+
+
 def _e3_json(d: dict) -> dict:
     """E3Config.to_dict minus the synthetic-profile keys a deployment never sets."""
     return {k: v for k, v in d.items() if k not in ("force_exit", "seed")}
@@ -651,7 +670,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target))
     _log(f"calibrate: thresholds for targets {sorted({*TARGET_GRID, target})}: {time.time() - t1:.0f}s")
     row = next(r for r in cal["table"] if r["target_agreement"] == target)
-    config = _e3_json(config_for(row, s.exits))
+    config = _e3_json(deployment_config(cal["table"], target, s.exits))
     cfgs = {f"target_{target}": E3Config.from_dict(config)} if config["policy"] != "full" else {}
     low = next(r for r in cal["table"] if r["target_agreement"] == min(TARGET_GRID))
     if low["chosen"] and low["target_agreement"] != target:

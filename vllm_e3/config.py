@@ -208,11 +208,12 @@ def load_e3_config(model_dir: str, overrides: dict[str, Any] | None = None) -> E
         if not isinstance(overrides, dict):
             raise E3ConfigError(f"additional_config['e3'] must be an object, got {overrides!r}")
         raw = deep_merge(raw, overrides)
-    # A deployment override of `exits` without thresholds keeps the count right.
-    if overrides and "exits" in overrides and "thresholds" not in overrides:
-        raw.pop("thresholds", None)
-    if overrides and "exits" in overrides and "force_exit" not in overrides:
-        raw.pop("force_exit", None)
+    # The file's thresholds, confidence measure and synthetic profile belong to
+    # its exits: an override of `exits` drops those it does not give itself.
+    if overrides and "exits" in overrides:
+        for key in ("thresholds", "confidence", "force_exit"):
+            if key not in overrides:
+                raw.pop(key, None)
     return E3Config.from_dict(raw, source=path if not overrides else f"{path} + additional_config['e3']")
 
 
