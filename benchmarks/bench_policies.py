@@ -6,10 +6,12 @@ Output tokens/s are reported as ratios to vanilla beside the ideal ratio
 
     ideal = T_vanilla / (T_vanilla - decoder-layer time saved)
 
-where the decoder-layer time per token per layer comes from vanilla vLLM on
-copies truncated to 8 and 15 layers and the full 30 (same compile mode; a
-least-squares line through the three), and the layers saved from the exit
-counts the E3 worker reports.
+where the decoder-layer time of a decode token per layer comes from the
+decode phase of vanilla vLLM on copies truncated to 8 and 15 layers and the
+full 30 (same compile mode; a least-squares line through the three decode
+times, each the median over requests of last-token minus first-token time),
+and the layers saved from the exit counts the E3 worker reports. Prompt
+tokens run every layer under every policy, so only decode time can shrink.
 
     python benchmarks/bench_policies.py --mode eager       # or compile
 """
@@ -99,6 +101,7 @@ def main() -> None:
         engines[eng].generate(prompts[:4], sp(extra), use_tqdm=False)
     times = {c[0]: [] for c in cases}
     tpot = {c[0]: [] for c in cases}
+    decode_s = {c[0]: [] for c in cases}
     saved, stage = {}, {}
     for r in range(args.runs):
         for name, eng, extra in cases:
@@ -107,10 +110,13 @@ def main() -> None:
             dt, outs = timed(lambda: engines[eng].generate(prompts, sp(extra), use_tqdm=False))
             assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
             times[name].append(dt)
+            spans = []
             for o in outs:
                 m = o.metrics
                 if m is not None and m.num_generation_tokens > 1:
-                    tpot[name].append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
+                    spans.append(m.last_token_ts - m.first_token_ts)
+                    tpot[name].append(spans[-1] / (m.num_generation_tokens - 1))
+            decode_s[name].append(median(spans))
             if eng == "exits":
                 st = engines[eng].collective_rpc("e3_exit_stats")[0]
                 saved[name] = (st["layers_full"] - st["layers_run"], st["decode_tokens"], st["exited"])
@@ -120,12 +126,14 @@ def main() -> None:
 
     n_out = args.batch * args.output_len
     med = {k: median(v) for k, v in times.items()}
-    # decoder-layer seconds per token-layer from the vanilla depth sweep
-    xs, ys = [8, 15, 30], [med["vanilla-8L"], med["vanilla-15L"], med["vanilla"]]
+    # decoder-layer seconds per decode token per layer from the vanilla depth sweep
+    dec = {k: median(v) for k, v in decode_s.items()}
+    xs, ys = [8, 15, 30], [dec["vanilla-8L"], dec["vanilla-15L"], dec["vanilla"]]
     mx, my = sum(xs) / 3, sum(ys) / 3
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    per_layer_token = slope / n_out
-    layer_share = slope * 30 / med["vanilla"]
+    per_layer_token = slope / (args.batch * (args.output_len - 1))
+    layer_share = slope * 30 / dec["vanilla"]          # of a vanilla decode step
+    decode_share = dec["vanilla"] / med["vanilla"]      # decode phase of a vanilla run
     tv = med["vanilla"]
     rows = []
     for name, _, _ in cases:
@@ -153,14 +161,16 @@ def main() -> None:
         "batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
         "runs": args.runs, "exits": EXITS,
         "decoder_layer_ms_per_token_layer": per_layer_token * 1e3,
-        "decoder_layer_share_of_vanilla": layer_share,
+        "decoder_layer_share_of_vanilla_decode_step": layer_share,
+        "decode_share_of_vanilla_run": decode_share, "decode_seconds": decode_s,
         "times": times, "rows": rows,
     }
     print(f"\nmachine: {result['machine']}")
     print(f"model SmolLM2-135M {args.dtype}, {args.mode}, batch {args.batch}, {args.input_len} in / "
           f"{args.output_len} out, greedy, median of {args.runs} interleaved runs")
-    print(f"decoder layers: {per_layer_token*1e3:.4f} ms per token-layer, "
-          f"{layer_share*100:.1f}% of a vanilla step")
+    print(f"decoder layers: {per_layer_token*1e3:.4f} ms per decode token-layer, "
+          f"{layer_share*100:.1f}% of a vanilla decode step; decode is {decode_share*100:.1f}% "
+          f"of a vanilla run (the rest: prompts, which run every layer under every policy)")
     print(f"{'config':18s} {'tok/s':>8s} {'ratio':>7s} {'ideal':>7s} {'of ideal':>8s} "
           f"{'tpot p50':>9s} {'p99 ms':>8s}  mean stage batch")
     print(f"{'vanilla':18s} {n_out/tv:8.1f} {1.0:7.3f} {'':7s} {'':8s} "
