@@ -47,10 +47,10 @@ def vllm_server(model_dir: str, args: list[str], log_path, env: dict | None = No
 def planted_model_dir(src: str, dst: str, config: dict | None = None, calibration: dict | None = None) -> str:
     """`dst`: every file of the prepared model `src` but e3/ (symlinked), and
     an e3/ holding the given config.json / calibration.json."""
+    from vllm_e3.prepare import model_view
+
+    model_view(src, dst)
     os.makedirs(os.path.join(dst, "e3"), exist_ok=True)
-    for name in os.listdir(src):
-        if name != "e3" and not os.path.lexists(os.path.join(dst, name)):
-            os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(dst, name))
     for name, body in (("config.json", config), ("calibration.json", calibration)):
         if body is not None:
             with open(os.path.join(dst, "e3", name), "w") as f:

@@ -1,50 +1,20 @@
 """`vllm serve <default> --model-impl e3` on loopback answers chat requests,
 plain and streaming, through the `openai` client."""
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import vllm_server
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [vllm, "serve", model_dir, "--model-impl", "e3", "--host", "127.0.0.1",
-             "--port", str(port), "--served-model-name", "smollm2", "--enforce-eager",
-             "--max-num-seqs", "8"],
-            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    import urllib.request
-
-    deadline = time.time() + 240
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("server did not start:\n" + log.read_text()[-3000:])
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1", log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = ["--model-impl", "e3", "--served-model-name", "smollm2", "--enforce-eager", "--max-num-seqs", "8"]
+    with vllm_server(model_dir, args, log, timeout=240) as (url, _):
+        yield url, log
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -46,7 +46,6 @@ import gzip
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -835,12 +834,10 @@ def _calibrate_main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-e3")
-    add_calibrate_parser(parser.add_subparsers(dest="cmd", required=True))
-    argv = ["calibrate", *(sys.argv[1:] if argv is None else argv)]
-    args = parser.parse_args(argv)
-    args.command = shlex.join(["vllm-e3", *argv])
-    return args.func(args)
+    """`python -m vllm_e3.calibrate ...` = `vllm-e3 calibrate ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["calibrate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

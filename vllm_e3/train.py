@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -650,12 +649,10 @@ def _train_main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-e3")
-    add_train_parser(parser.add_subparsers(dest="cmd", required=True))
-    argv = ["train", *(sys.argv[1:] if argv is None else argv)]
-    args = parser.parse_args(argv)
-    args.command = shlex.join(["vllm-e3", *argv])
-    return args.func(args)
+    """`python -m vllm_e3.train ...` = `vllm-e3 train ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
