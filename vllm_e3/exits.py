@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .knobs import parse_knobs
+
 _U64 = float(2**64)
 
 
@@ -237,7 +239,6 @@ class ExitPlan:
     def build(cls, cfg, layout: "RowLayout", n_rows: int, step, table=None) -> "ExitPlan":
         """`table`: the model's calibration table (vllm_e3.knobs), read for
         requests that set `e3_target_agreement`."""
-        from .knobs import parse_knobs
 
         num_reqs = layout.query_start_loc.numel() - 1
         policy = [cfg.policy] * num_reqs

@@ -21,9 +21,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-TEST_KEYS = ("_e3_policy", "_e3_force_exit", "_e3_kv_fill")
-
-
 @dataclass
 class StepContext:
     req_ids: list[str] = field(default_factory=list)

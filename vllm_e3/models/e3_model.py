@@ -31,7 +31,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
 from ..exits import (Active, AttentionView, ExitPlan, ExitStats, Parked, RequestExitStats, RowLayout,
@@ -70,7 +70,7 @@ class E3CausalLMMixin:
         self.e3_stats = ExitStats()
         self.e3_parked: dict[str, Parked] = {}   # request id -> its parked token
         # per request id: running requests, and the last FINISHED_KEPT finished
-        self.e3_requests: dict[str, RequestExitStats] = {}
+        self.e3_requests: defaultdict[str, RequestExitStats] = defaultdict(RequestExitStats)
         self.e3_finished: OrderedDict[str, RequestExitStats] = OrderedDict()
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
@@ -313,9 +313,7 @@ class E3CausalLMMixin:
         rows = done.nonzero().squeeze(1)
         reqs = self.e3_requests
         for j, n in zip(layout.req_of_row[rows].tolist(), layers[rows].tolist()):
-            st = reqs.get(step.req_ids[j])
-            if st is None:
-                st = reqs[step.req_ids[j]] = RequestExitStats()
+            st = reqs[step.req_ids[j]]
             st.tokens += 1
             st.layers_run += n
             st.layers_full += L
@@ -323,10 +321,7 @@ class E3CausalLMMixin:
                 st.exited[n] = st.exited.get(n, 0) + 1
         for r in parked_rows:
             for j in layout.req_of_row[r[r < layout.num_rows]].tolist():
-                st = reqs.get(step.req_ids[j])
-                if st is None:
-                    st = reqs[step.req_ids[j]] = RequestExitStats()
-                st.parked += 1
+                reqs[step.req_ids[j]].parked += 1
 
     def e3_finish_requests(self, req_ids) -> None:
         """Finished or aborted: drop parked state, keep the request's counters
