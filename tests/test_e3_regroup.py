@@ -1,6 +1,8 @@
 """Policy e3 (parking and regrouping) against policy token: the same greedy
 tokens for requests of varied lengths arriving at different times (float32:
-batch compositions differ), nothing ever stuck, waits bounded."""
+batch compositions differ), nothing ever stuck, waits bounded. The shared
+engine has 32 runner slots and admits 16 requests (`max_num_active_seqs`);
+the E3 scheduler admits beyond 16 while requests are parked."""
 import pytest
 
 from helpers import PROMPTS, free_engine
@@ -8,6 +10,7 @@ from helpers import PROMPTS, free_engine
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
 MAX_PARK = 3
+ACTIVE = 16
 
 
 def _prompts(n=32):
@@ -47,7 +50,7 @@ def llm(model_dir):
     from vllm import LLM
 
     engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=32,
-                 seed=0, additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 12,
+                 max_num_active_seqs=ACTIVE, seed=0, additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 12,
                                                     "max_park_steps": MAX_PARK}})
     yield engine
     free_engine(engine)
@@ -55,10 +58,17 @@ def llm(model_dir):
 
 def test_e3_equals_token_and_bounds_waits(llm):
     prompts = _prompts(32)
+    llm.collective_rpc("e3_reset_exit_stats")
     want = _run_staggered(llm, prompts, "token")
+    token_stats = llm.collective_rpc("e3_exit_stats")[0]
     llm.collective_rpc("e3_reset_exit_stats")
     got = _run_staggered(llm, prompts, "e3")
     stats = llm.collective_rpc("e3_exit_stats")[0]
+    # token never parks: vLLM's admission cap holds; e3 admits past it while
+    # requests are parked (they hold slots but skip the first stage), never
+    # past the runner's slots
+    assert token_stats["parked"] == 0 and token_stats["step_reqs_max"] == ACTIVE
+    assert ACTIVE < stats["step_reqs_max"] <= 32
     assert len(got) == 32
     for i in range(32):
         assert len(got[i]) == 8 + (i * 7) % 29

@@ -303,6 +303,8 @@ class ExitStats:
     park_wait_hist: dict[int, int] = dataclasses.field(default_factory=dict)  # steps waited -> tokens
     stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> decode rows run
     stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> runs with decode rows
+    step_reqs: int = 0           # requests in the forwards, summed (mean in flight = step_reqs / steps)
+    step_reqs_max: int = 0       # most requests in one forward (parked ones included)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,18 @@ empty token list is accepted without a rollback, so the request would never
 be scheduled again. This scheduler rolls it back, as speculative decoding
 does for rejected drafts, so the request is rescheduled at the same position
 with the same input token, and the model resumes it where it was parked.
+
+Admission. A parked request holds a runner slot but does not run the first
+stage, so on a full engine parking would shrink the first stage by the
+number parked. vLLM separates the two limits: `--max-num-seqs` sizes the
+runner's slots, `--max-num-active-seqs` (default: the same) caps admission
+into RUNNING. This scheduler does not count the requests parked in the last
+step against the admission cap: it admits while fewer than
+`max_num_active_seqs` running requests are unparked, up to `max_num_seqs`.
+With `--max-num-seqs 2B --max-num-active-seqs B` the first stage keeps B
+requests while up to B more wait parked (E3's setting: more requests in
+flight than the batch each stage runs at; the cost is their KV cache).
+With the two equal (the default) this changes nothing.
 """
 from __future__ import annotations
 
@@ -15,8 +27,19 @@ from vllm.v1.request import RequestStatus
 
 
 class E3Scheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.e3_active_cap = self.max_num_active_reqs   # unparked running requests
+        self.e3_parked_ids: set[str] = set()            # parked in the last step
+
+    def schedule(self, *args, **kwargs):
+        parked = sum(1 for rid in self.e3_parked_ids if rid in self.requests)
+        self.max_num_active_reqs = min(self.max_num_running_reqs, self.e3_active_cap + parked)
+        return super().schedule(*args, **kwargs)
+
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.e3_parked_ids = set()
         sampled = model_runner_output.sampled_token_ids
         if not sampled:
             return outputs
@@ -30,4 +53,5 @@ class E3Scheduler(Scheduler):
             if (i is not None and not sampled[i] and request.num_output_tokens > 0
                     and request.num_computed_tokens == request.num_tokens):
                 request.num_computed_tokens -= n
+                self.e3_parked_ids.add(req_id)
         return outputs

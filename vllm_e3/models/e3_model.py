@@ -72,6 +72,9 @@ class E3CausalLMMixin:
         # per request id: running requests, and the last FINISHED_KEPT finished
         self.e3_requests: defaultdict[str, RequestExitStats] = defaultdict(RequestExitStats)
         self.e3_finished: OrderedDict[str, RequestExitStats] = OrderedDict()
+        # [num_reqs] bool, set by a forward that parked rows and read by the
+        # next compute_logits: parked requests get no token, so no head row
+        self._e3_no_logits: torch.Tensor | None = None
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
@@ -107,6 +110,7 @@ class E3CausalLMMixin:
 
     # ---- forward -------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        self._e3_no_logits = None
         if not self.e3.exits_active:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         fc = get_forward_context()
@@ -122,6 +126,22 @@ class E3CausalLMMixin:
         for layer in model.layers:
             h, residual = layer(positions, h, residual)
         return model.norm(h, residual)[0]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The LM head for the requests that yield a token this step. A parked
+        request's sample is discarded (vllm_e3.worker), so its row of logits is
+        left at zero instead of paying the 576 x 49152 head (~8 layers of this
+        model) for nothing."""
+        skip, self._e3_no_logits = self._e3_no_logits, None
+        if skip is None or hidden_states.shape[0] != skip.numel():
+            return super().compute_logits(hidden_states)
+        keep = (~skip).nonzero().squeeze(1)
+        part = super().compute_logits(hidden_states[keep])
+        if part is None:
+            return None
+        logits = part.new_zeros(hidden_states.shape[0], part.shape[1])
+        logits[keep] = part
+        return logits
 
     def e3_head_input(self, e: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """[n, d] state the LM head reads for rows exiting at `e`."""
@@ -170,6 +190,9 @@ class E3CausalLMMixin:
         # a resumed token was counted in the step that parked it
         n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
         stats.steps += 1
+        num_reqs = layout.query_start_loc.numel() - 1
+        stats.step_reqs += num_reqs
+        stats.step_reqs_max = max(stats.step_reqs_max, num_reqs)
         stats.decode_tokens += n_decode
         stats.layers_full += n_decode * self.e3_num_layers
         restricted = bool(resume)
@@ -206,6 +229,11 @@ class E3CausalLMMixin:
         finally:
             view.restore()
         stats.mixed_exit_steps += len(exited) > 1
+        if parked_rows:
+            skip = torch.zeros(num_reqs, dtype=torch.bool)
+            for r in parked_rows:
+                skip[layout.req_of_row[r[r < layout.num_rows]]] = True
+            self._e3_no_logits = skip
         if step is not None:
             self._e3_account(layout, step, exited, parked_rows)
         exited = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in exited]
