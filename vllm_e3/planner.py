@@ -13,9 +13,13 @@ per output token of a decode batch of B tokens:
     full : L t(B)/B + head
     token: sum_s L_s t(B S_s) / B + sum_e S_e dec + sum_e x_e (L - e) fill + head
     e3   : as token, but every stage after the first runs at its target
-           batch b_s (per-token cost t(b_s)/b_s) instead of B S_s
+           batch b_s (per-token cost t(b_s)/b_s) instead of B S_s, and the
+           first stage at B0 <= B: parked requests hold runner slots, so
+           B0 = min(B, slots / (1 + parked per running request))
 
-(S_s: fraction of tokens entering stage s, x_e: fraction exiting at e). It
+(S_s: fraction of tokens entering stage s, x_e: fraction exiting at e;
+slots: the engine's `--max-num-seqs`, B its `--max-num-active-seqs`; the E3
+scheduler admits past B while requests are parked, vllm_e3/scheduler.py). It
 keeps the subset of exits that minimises e3's cost, picks each stage's target
 as the smallest batch whose per-token cost is within 10% of a full batch's,
 and writes policy `full` when no subset beats the full model: e3 is then never
@@ -110,14 +114,16 @@ def _interp(layer: dict, b: float) -> float:
 
 
 def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: str,
-                   target: int | None = None) -> float:
+                   target: int | None = None, slots: int | None = None) -> float:
     """Modelled seconds per output token (see the module docstring).
 
     Policy e3 at target b: a stage whose natural batch B0*S_s is below b runs
     at b; its tokens wait k_s = b/(B0*S_s) - 1 steps on average, and parked
-    requests hold their slots, so stage 0 runs at B0 = B / (1 + sum_s S_s k_s)
-    (solved by fixed-point iteration): regrouping pays only where the gain in
-    per-token cost at later stages beats the smaller first stage."""
+    requests hold their slots, so stage 0 runs at
+    B0 = min(B, slots / (1 + sum_s S_s k_s)) (fixed-point iteration; slots
+    defaults to B, a full engine): regrouping pays only where the gain in
+    per-token cost at later stages beats what the first stage loses."""
+    slots = slots or B
     L, layer = costs["num_layers"], costs["layer"]
     dec = costs["decision_per_row"].get(measure, 0.0)
     bounds = [0, *exits, L]
@@ -127,7 +133,7 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     B0 = float(B)
     for _ in range(20 if policy == "e3" and target else 0):
         wait = sum(S * max(0.0, target / max(B0 * S, 1e-9) - 1.0) for S in surv[1:] if S > 0)
-        B0 = B / (1.0 + wait)
+        B0 = min(float(B), slots / (1.0 + wait))
     total = 0.0
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         S = surv[i]
@@ -143,7 +149,8 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     return total + costs["head_per_row"]
 
 
-def plan(costs: dict, allowed_exits, fractions, B: int, measure: str) -> dict:
+def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
+         slots: int | None = None) -> dict:
     """The exits, policy and target with the least modelled cost per token."""
     L = costs["num_layers"]
     full = per_token_cost(costs, [], {}, B, measure, "full")
@@ -153,7 +160,7 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str) -> dict:
         for subset in itertools.combinations(sorted(allowed_exits), k):
             options = [("token", None)] + [("e3", t) for t in targets]
             for policy, t in options:
-                c = per_token_cost(costs, subset, fractions, B, measure, policy, t)
+                c = per_token_cost(costs, subset, fractions, B, measure, policy, t, slots)
                 if c < best["cost"]:
                     best = {"policy": policy, "exits": list(subset), "cost": c,
                             "target_batch": t or B}
@@ -164,7 +171,8 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str) -> dict:
         best["token_cost_same_exits"] = per_token_cost(
             costs, best["exits"], fractions, B, measure, "token") / full
         best["e3_cost_same_exits"] = min(
-            per_token_cost(costs, best["exits"], fractions, B, measure, "e3", t) for t in targets) / full
+            per_token_cost(costs, best["exits"], fractions, B, measure, "e3", t, slots)
+            for t in targets) / full
     return best
 
 
@@ -191,7 +199,7 @@ def main(args) -> int:
     print(f"[vllm-e3 plan] timing stages on this machine ({args.dtype}) ...", file=sys.stderr)
     costs = measure_costs(model_dir, dtype=dtype)
     measure = args.confidence or cfg.confidence
-    result = plan(costs, exits, fractions, args.batch, measure)
+    result = plan(costs, exits, fractions, args.batch, measure, args.slots)
     lay = costs["layer"]
     print(f"decoder layer, ms per token by batch: " +
           ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
@@ -202,6 +210,8 @@ def main(args) -> int:
           f"{result['target_batch']}, modelled cost {result['relative_cost']:.3f} of full"
           + (f" (same exits: token {result['token_cost_same_exits']:.3f}, e3 {result['e3_cost_same_exits']:.3f})"
              if result["exits"] else ""))
+    if result["policy"] == "e3" and (args.slots or args.batch) > args.batch:
+        print(f"serve it with --max-num-seqs {args.slots} --max-num-active-seqs {args.batch}")
     if args.write:
         path = os.path.join(e3_dir(model_dir), CONFIG_FILENAME)
         raw = json.load(open(path)) if os.path.isfile(path) else {}
@@ -225,7 +235,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exits", default=None, help="candidate exits (default: the E3 config's)")
     p.add_argument("--profile", default=None,
                    help='exit fractions as JSON, e.g. \'{"8": 0.3, "15": 0.25}\' (default: calibration.json)')
-    p.add_argument("--batch", type=int, default=64, help="decode batch to plan for")
+    p.add_argument("--batch", type=int, default=64,
+                   help="decode batch to plan for (the engine's --max-num-active-seqs)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="runner slots (the engine's --max-num-seqs; default --batch): more than "
+                        "--batch lets parked requests wait beside a full first stage")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--confidence", default=None, choices=["max_prob", "margin", "gate", "forced"],
                    help="decision cost to assume (default: the E3 config's measure; "

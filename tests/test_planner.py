@@ -1,0 +1,75 @@
+"""The planner (`vllm-e3 plan`): its cost model against hand-computed values on
+synthetic stage costs, the choices it makes from them (token where batches do
+not matter, e3 only where parked requests have slots to wait in, full where
+no exit pays), and the CLI on the real model writing what it chose."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vllm_e3.planner import per_token_cost, plan
+
+MS = 1e-3
+
+
+def _costs(step_time, decision=0.0, fill=0.0, head=0.0, batches=(16, 32, 64, 128)):
+    """Synthetic costs: one decoder layer takes step_time(b) seconds at batch b."""
+    return {"num_layers": 30, "batches": list(batches),
+            "layer": {b: step_time(b) for b in batches},
+            "decision_per_row": {"forced": 0.0, "max_prob": decision},
+            "fill_per_row_layer": fill, "head_per_row": head}
+
+
+FLAT = _costs(lambda b: b * MS, fill=0.1 * MS, head=2 * MS)            # 1 ms per token at any batch
+# a layer step costs the same up to batch 64 (per-token cost halves with the batch), then grows
+STEEP = _costs(lambda b: max(b, 64) * MS)
+
+
+def test_cost_model_values():
+    assert per_token_cost(FLAT, [], {}, 64, "forced", "full") == pytest.approx(32 * MS)
+    # 10 layers for all, 20 for half, KV fill of 20 layers for the half that leaves, head
+    assert per_token_cost(FLAT, [10], {10: 0.5}, 64, "forced", "token") == pytest.approx(23 * MS)
+    # steep: the continuing half runs stage 1 at batch 32, twice the per-token cost
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "token") == pytest.approx(30 * MS)
+    # e3, target 64, with 128 slots: the half waits one step on average (0.5 parked per
+    # running request), the first stage keeps 64 (128 / 1.5 > 64), stage 1 runs at 64
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", 64, slots=128) == \
+        pytest.approx(20 * MS)
+    # with 64 slots the parked requests take the first stage's places: worse than token
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", 64) > 30 * MS
+
+
+def test_plan_picks_what_pays():
+    # per-token cost independent of the batch: regrouping cannot pay, token does
+    p = plan(FLAT, [10], {10: 0.5}, 64, "forced")
+    assert (p["policy"], p["exits"]) == ("token", [10])
+    assert p["relative_cost"] == pytest.approx(23 / 32)
+    # steep curve: e3 pays only when parked requests have their own slots
+    assert plan(STEEP, [10], {10: 0.5}, 64, "forced", slots=128)["policy"] == "e3"
+    assert plan(STEEP, [10], {10: 0.5}, 64, "forced", slots=128)["target_batch"] == 64
+    assert plan(STEEP, [10], {10: 0.5}, 64, "forced")["policy"] != "e3"
+    # a decision that costs more than the layers it saves: no exit, never slower than full
+    dear = _costs(lambda b: b * MS, decision=20 * MS)
+    p = plan(dear, [10, 20], {10: 0.5, 20: 0.2}, 64, "max_prob")
+    assert (p["policy"], p["exits"], p["relative_cost"]) == ("full", [], 1.0)
+
+
+def test_plan_cli_writes_full_when_the_head_decides(model_dir, tmp_path):
+    """On the real model the full-vocabulary head as the exit decision costs
+    ~8 layers a row: no exit of the middle profile pays, the plan is full."""
+    from vllm_e3.prepare import model_view
+
+    d = model_view(model_dir, str(tmp_path / "m"))
+    os.makedirs(os.path.join(d, "e3"))
+    with open(os.path.join(d, "e3", "config.json"), "w") as f:
+        json.dump({"policy": "token", "exits": [8, 15, 22], "thresholds": [0.9, 0.9, 0.9]}, f)
+    args = [sys.executable, "-m", "vllm_e3.cli", "plan", d, "--profile",
+            '{"8": 0.3, "15": 0.25, "22": 0.2}', "--batch", "64"]
+    out = subprocess.run(args + ["--confidence", "max_prob", "--write"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "plan: policy full" in out.stdout
+    cfg = json.load(open(os.path.join(d, "e3", "config.json")))
+    assert (cfg["policy"], cfg["exits"], cfg["thresholds"]) == ("full", [], [])
