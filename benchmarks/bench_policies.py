@@ -13,6 +13,13 @@ times, each the median over requests of last-token minus first-token time),
 and the layers saved from the exit counts the E3 worker reports. Prompt
 tokens run every layer under every policy, so only decode time can shrink.
 
+--requests N > --batch runs E3's setting: N requests queued, every engine
+admits --batch at a time (vLLM's `max_num_active_seqs`), and the E3 engine has
+--slots runner slots (`max_num_seqs`, default 2 x batch) so that parked
+requests wait beside a full first stage (vllm_e3/scheduler.py). The layer
+cost for the ideal then comes from the depth sweep on a closed batch of
+--batch prompts (every stage at the full batch is what the ideal means).
+
     python benchmarks/bench_policies.py --mode eager       # or compile
 """
 from __future__ import annotations
@@ -37,7 +44,13 @@ PROFILES = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64,
+                    help="requests each engine admits at once")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per run (default: --batch, a closed batch)")
+    ap.add_argument("--slots", type=int, default=None,
+                    help="runner slots (max_num_seqs) of the E3 engine (default: 2 x batch "
+                         "with --requests > --batch, else --batch)")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
@@ -63,13 +76,19 @@ def main() -> None:
     # the weights without the shipped e3/ folder: the synthetic profiles set their own exits
     model = bare_view(prepare(deploy=False))
     eager = args.mode == "eager"
+    n_req = args.requests or args.batch
+    queued = n_req > args.batch
+    slots = args.slots or (2 * args.batch if queued else args.batch)
     prompts = [TokensPrompt(prompt_token_ids=p)
-               for p in random_prompts(args.batch, args.input_len, 49152)]
+               for p in random_prompts(n_req, args.input_len, 49152)]
+    closed = prompts[:args.batch]      # the depth sweep's batch
     sp = lambda extra=None: SamplingParams(temperature=0, max_tokens=args.output_len,
                                            ignore_eos=True, extra_args=extra)
     common = dict(enforce_eager=eager, max_num_seqs=max(args.batch, 16), seed=0, dtype=args.dtype,
                   max_num_batched_tokens=max(8192, args.batch * args.input_len),
                   disable_log_stats=False)
+    # the E3 engine: as many requests admitted, more slots for parked ones
+    e3_common = {**common, "max_num_seqs": max(slots, 16), "max_num_active_seqs": args.batch}
     target = args.target_batch or args.batch
     tmp = tempfile.mkdtemp(prefix="e3bench-")
 
@@ -82,12 +101,15 @@ def main() -> None:
                               additional_config={"e3": {"policy": "full", "exits": EXITS}})
     if {"sync", "token", "e3"} & set(policies):
         # one engine serves sync, token and e3 through the test-only request keys
-        engines["exits"] = LLM(model, model_impl="e3", **common, additional_config={"e3": {
+        engines["exits"] = LLM(model, model_impl="e3", **e3_common, additional_config={"e3": {
             "policy": "e3", "exits": EXITS, "target_batch": target,
             "max_park_steps": args.max_park_steps}})
 
     cases = [("vanilla", "vanilla", None), ("vanilla-8L", "vanilla-8L", None),
              ("vanilla-15L", "vanilla-15L", None)]
+    if queued:
+        cases.append(("vanilla-closed", "vanilla", None))
+    sweep = {"vanilla-8L", "vanilla-15L", "vanilla-closed" if queued else "vanilla"}
     if "full" in policies:
         cases.append(("full", "full", None))
     profiles = {k: PROFILES[k] for k in args.profiles.split(",")}
@@ -107,7 +129,8 @@ def main() -> None:
         for name, eng, extra in cases:
             if eng == "exits":
                 engines[eng].collective_rpc("e3_reset_exit_stats")
-            dt, outs = timed(lambda: engines[eng].generate(prompts, sp(extra), use_tqdm=False))
+            batch = closed if queued and name in sweep else prompts
+            dt, outs = timed(lambda: engines[eng].generate(batch, sp(extra), use_tqdm=False))
             assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
             times[name].append(dt)
             spans = []
@@ -122,18 +145,21 @@ def main() -> None:
                 saved[name] = (st["layers_full"] - st["layers_run"], st["decode_tokens"], st["exited"])
                 stage[name] = {s: st["stage_rows"][s] / st["stage_runs"][s] for s in st["stage_runs"]}
                 stage[name]["parked"] = st["parked"]
+                stage[name]["in_flight_mean"] = st["step_reqs"] / max(st["steps"], 1)
+                stage[name]["in_flight_max"] = st["step_reqs_max"]
             print(f"round {r} {name:18s} {dt:7.2f}s", flush=True)
 
-    n_out = args.batch * args.output_len
+    n_out = n_req * args.output_len
     med = {k: median(v) for k, v in times.items()}
     # decoder-layer seconds per decode token per layer from the vanilla depth sweep
     dec = {k: median(v) for k, v in decode_s.items()}
-    xs, ys = [8, 15, 30], [dec["vanilla-8L"], dec["vanilla-15L"], dec["vanilla"]]
+    sweep_top = "vanilla-closed" if queued else "vanilla"
+    xs, ys = [8, 15, 30], [dec["vanilla-8L"], dec["vanilla-15L"], dec[sweep_top]]
     mx, my = sum(xs) / 3, sum(ys) / 3
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     per_layer_token = slope / (args.batch * (args.output_len - 1))
-    layer_share = slope * 30 / dec["vanilla"]          # of a vanilla decode step
-    decode_share = dec["vanilla"] / med["vanilla"]      # decode phase of a vanilla run
+    layer_share = slope * 30 / ys[-1]                   # of a vanilla decode step
+    decode_share = dec[sweep_top] / med[sweep_top]      # decode phase of a vanilla (closed) run
     tv = med["vanilla"]
     rows = []
     for name, _, _ in cases:
@@ -158,7 +184,7 @@ def main() -> None:
         "machine": machine(), "model": f"SmolLM2-135M-Instruct {args.dtype}", "mode": args.mode,
         "target_batch": target, "max_park_steps": args.max_park_steps,
         "vanilla_tpot_p50_ms": 1e3 * tpv[len(tpv) // 2] if tpv else None,
-        "batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
+        "batch": args.batch, "requests": n_req, "e3_slots": slots, "input_len": args.input_len, "output_len": args.output_len,
         "runs": args.runs, "exits": EXITS,
         "decoder_layer_ms_per_token_layer": per_layer_token * 1e3,
         "decoder_layer_share_of_vanilla_decode_step": layer_share,
@@ -166,7 +192,8 @@ def main() -> None:
         "times": times, "rows": rows,
     }
     print(f"\nmachine: {result['machine']}")
-    print(f"model SmolLM2-135M {args.dtype}, {args.mode}, batch {args.batch}, {args.input_len} in / "
+    print(f"model SmolLM2-135M {args.dtype}, {args.mode}, batch {args.batch}, {n_req} requests, "
+          f"e3 slots {slots}, {args.input_len} in / "
           f"{args.output_len} out, greedy, median of {args.runs} interleaved runs")
     print(f"decoder layers: {per_layer_token*1e3:.4f} ms per decode token-layer, "
           f"{layer_share*100:.1f}% of a vanilla decode step; decode is {decode_share*100:.1f}% "
@@ -182,7 +209,8 @@ def main() -> None:
               f"{row['ideal_ratio']:7.3f} {row['fraction_of_ideal']:8.3f} "
               f"{row['tpot_p50_ms'] or 0:9.1f} {row['tpot_p99_ms'] or 0:8.1f}  {sbs}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"policies_{args.mode}_b{args.batch}.json")
+                                   f"policies_{args.mode}_b{args.batch}"
+                                   + (f"_n{n_req}" if queued else "") + ".json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(result, open(out, "w"), indent=1)
     print(f"wrote {out}")
