@@ -59,8 +59,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32",
                     help="float32 by default: on CPUs without AVX-512 (this machine: AVX2 only) "
                          "bf16 GEMMs are emulated and ~5x slower than fp32")
-    ap.add_argument("--target-batch", type=int, default=None,
-                    help="policy e3's per-stage target batch (default: --batch)")
+    ap.add_argument("--target-batch", default=None,
+                    help="policy e3's target batch: one integer, or one per exit "
+                         "(comma list, 0 = never park there; default: --batch)")
     ap.add_argument("--max-park-steps", type=int, default=4)
     ap.add_argument("--cases", default=None,
                     help="comma list of policy/profile cases (default: every policy x profile)")
@@ -89,7 +90,9 @@ def main() -> None:
                   disable_log_stats=False)
     # the E3 engine: as many requests admitted, more slots for parked ones
     e3_common = {**common, "max_num_seqs": max(slots, 16), "max_num_active_seqs": args.batch}
-    target = args.target_batch or args.batch
+    target = args.batch if not args.target_batch else (
+        int(args.target_batch) if "," not in args.target_batch
+        else [int(t) for t in args.target_batch.split(",")])
     tmp = tempfile.mkdtemp(prefix="e3bench-")
 
     engines = {"vanilla": LLM(model, **common)}

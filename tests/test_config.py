@@ -22,6 +22,8 @@ from vllm_e3.ramps import RAMPS_FORMAT, save_ramps, validate_ramps
     ({"exits": [8], "force_exit": {"8": 2}}, "rate for exit 8 must be in [0, 1]"),
     ({"confidence": "entropy"}, "unknown confidence measure"),
     ({"exits": "8"}, "must be a list of integers"),
+    ({"plan": "yes"}, "'plan' must be true or false"),
+    ({"policy": "sync", "plan": True}, "policy 'sync' is not modelled"),
 ])
 def test_bad_config_names_the_problem(raw, msg):
     with pytest.raises(E3ConfigError) as ei:

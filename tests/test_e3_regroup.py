@@ -50,8 +50,9 @@ def llm(model_dir):
     from vllm import LLM
 
     engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=32,
-                 max_num_active_seqs=ACTIVE, seed=0, additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 12,
-                                                    "max_park_steps": MAX_PARK}})
+                 max_num_active_seqs=ACTIVE, seed=0, additional_config={"e3": {
+                     "policy": "e3", "exits": EXITS, "target_batch": 12, "max_park_steps": MAX_PARK,
+                     "park_when": "always"}})
     yield engine
     free_engine(engine)
 
@@ -89,6 +90,26 @@ def test_aborts_while_parked_leave_nothing_stuck(llm):
     assert llm.collective_rpc("e3_parked_count") == [0]
 
 
+def test_park_when_refill(llm):
+    """park_when "refill" (the default) parks only while requests wait and
+    slots are free: never for a batch the engine admits whole, and for a
+    queue longer than the admission cap until it has drained; tokens as
+    token's."""
+    refill = {"_e3_park_when": "refill"}
+    for n in (ACTIVE // 2, 3 * ACTIVE):
+        prompts = _prompts(n)
+        want = llm.generate(prompts, [_params(i, "token") for i in range(n)], use_tqdm=False)
+        llm.collective_rpc("e3_reset_exit_stats")
+        got = llm.generate(prompts, [_params(i, "e3", refill) for i in range(n)], use_tqdm=False)
+        stats = llm.collective_rpc("e3_exit_stats")[0]
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        if n <= ACTIVE:
+            assert stats["parked"] == 0
+        else:
+            assert stats["parked"] > 0 and stats["step_reqs_max"] > ACTIVE
+    assert llm.collective_rpc("e3_parked_count") == [0]
+
+
 def test_preemption_under_a_small_kv_cache(model_dir):
     """Few KV blocks force preemption of running (and parked) requests; every
     request still completes, with the right length, and no state is left.
@@ -101,7 +122,7 @@ def test_preemption_under_a_small_kv_cache(model_dir):
                  seed=0, num_gpu_blocks_override=12, block_size=32, max_model_len=256,
                  disable_log_stats=False,
                  additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 8,
-                                           "max_park_steps": MAX_PARK}})
+                                           "max_park_steps": MAX_PARK, "park_when": "always"}})
     try:
         prompts = _prompts(16)
         engine.collective_rpc("e3_reset_exit_stats")

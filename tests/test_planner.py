@@ -37,6 +37,9 @@ def test_cost_model_values():
     # running request), the first stage keeps 64 (128 / 1.5 > 64), stage 1 runs at 64
     assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", 64, slots=128) == \
         pytest.approx(20 * MS)
+    # per-exit targets: 0 never parks, the same as token
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", [0], slots=128) == \
+        pytest.approx(30 * MS)
     # with 64 slots the parked requests take the first stage's places: worse than token
     assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", 64) > 30 * MS
 
@@ -48,7 +51,7 @@ def test_plan_picks_what_pays():
     assert p["relative_cost"] == pytest.approx(23 / 32)
     # steep curve: e3 pays only when parked requests have their own slots
     assert plan(STEEP, [10], {10: 0.5}, 64, "forced", slots=128)["policy"] == "e3"
-    assert plan(STEEP, [10], {10: 0.5}, 64, "forced", slots=128)["target_batch"] == 64
+    assert plan(STEEP, [10], {10: 0.5}, 64, "forced", slots=128)["target_batch"] == [64]
     assert plan(STEEP, [10], {10: 0.5}, 64, "forced")["policy"] != "e3"
     # a decision that costs more than the layers it saves: no exit, never slower than full
     dear = _costs(lambda b: b * MS, decision=20 * MS)
@@ -73,3 +76,82 @@ def test_plan_cli_writes_full_when_the_head_decides(model_dir, tmp_path):
     assert "plan: policy full" in out.stdout
     cfg = json.load(open(os.path.join(d, "e3", "config.json")))
     assert (cfg["policy"], cfg["exits"], cfg["thresholds"]) == ("full", [], [])
+
+
+# ---- the exit profile a plan reads, and the plan at start-up ---------------------------------
+def test_exit_profile_from_force_exit_and_from_calibration(deployed_model_dir):
+    from vllm_e3.config import E3Config, load_e3_config
+    from vllm_e3.planner import exit_profile
+
+    # conditional rates of the tokens reaching each exit -> fractions of all tokens
+    cfg = E3Config.from_dict({"policy": "token", "exits": [8, 15, 22],
+                              "force_exit": {"8": 0.3, "15": 0.357, "22": 0.444}})
+    got = exit_profile(cfg, deployed_model_dir)
+    assert got == pytest.approx({8: 0.3, 15: 0.7 * 0.357, 22: 0.7 * 0.643 * 0.444})
+    # the deployed thresholds are the 0.99 row of the shipped calibration: its verified fractions
+    cfg = load_e3_config(deployed_model_dir)
+    raw = json.load(open(os.path.join(deployed_model_dir, "e3", "calibration.json")))
+    row = next(r["chosen"] for r in raw["table"] if r["target_agreement"] == 0.99)
+    assert exit_profile(cfg, deployed_model_dir) == dict(zip(raw["exits"], row["verify"]["exit_fraction"]))
+    # thresholds no row deploys: no profile
+    odd = E3Config.from_dict({**cfg.to_dict(), "thresholds": [0.5, None]})
+    assert exit_profile(odd, deployed_model_dir) is None
+
+
+def _vllm_config(max_num_seqs, active=None):
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs,
+                                                            max_num_active_seqs=active),
+                           model_config=SimpleNamespace(dtype=torch.float32))
+
+
+def test_startup_plan_choices(monkeypatch, model_dir):
+    """startup_plan on synthetic stage costs (the measurement itself is the
+    CLI test's): the policy never stronger than configured, exits without a
+    threshold kept as stage boundaries, full when nothing pays."""
+    import vllm_e3.planner as planner
+    from vllm_e3.config import E3Config
+
+    cfg = E3Config.from_dict({"policy": "e3", "exits": [10, 20], "force_exit": {"10": 0.5}})
+    monkeypatch.setattr(planner, "measure_costs", lambda *a, **k: STEEP)
+    got = planner.startup_plan(cfg, model_dir, _vllm_config(128, 64))
+    # exit 10 pays under e3 with slots; 20 has no rate and no threshold: a boundary only
+    assert (got.policy, got.exits, got.target_batch, got.plan) == ("e3", (10, 20), (64, 0), False)
+    assert got.force_exit == {10: 0.5}
+    got = planner.startup_plan(cfg, model_dir, _vllm_config(64))           # no spare slots
+    assert got.policy != "e3"
+    as_token = E3Config.from_dict({**cfg.to_dict(), "policy": "token"})
+    assert planner.startup_plan(as_token, model_dir, _vllm_config(128, 64)).policy != "e3"
+    monkeypatch.setattr(planner, "measure_costs", lambda *a, **k: FLAT)
+    assert planner.startup_plan(as_token, model_dir, _vllm_config(64)).policy == "token"
+    nothing = E3Config.from_dict({**cfg.to_dict(), "force_exit": {"10": 0.0}})
+    got = planner.startup_plan(nothing, model_dir, _vllm_config(64))
+    assert (got.policy, got.exits) == ("full", ())
+    with pytest.raises(Exception, match="no exit profile"):
+        planner.startup_plan(E3Config.from_dict({"policy": "e3", "exits": [10], "thresholds": [0.9],
+                                                 "plan": True}), model_dir, _vllm_config(64))
+
+
+def test_plan_at_engine_start(model_dir):
+    """`plan: true` in an engine's E3 config: the model measures at load and
+    runs what pays. A profile where nothing exits cannot pay on any machine,
+    so the engine runs the full model (the parent's forward: no E3 steps)."""
+    from vllm import LLM, SamplingParams
+
+    from helpers import free_engine
+
+    llm = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=8,
+              seed=0, additional_config={"e3": {"policy": "e3", "exits": [8, 15, 22],
+                                                "force_exit": {"8": 0.0}, "plan": True}})
+    try:
+        cfg = llm.collective_rpc("e3_config")[0]
+        assert (cfg["policy"], cfg["exits"], cfg["plan"]) == ("full", [], False)
+        out = llm.generate(["What is the capital of France?"],
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 8
+        assert llm.collective_rpc("e3_exit_stats")[0]["steps"] == 0
+    finally:
+        free_engine(llm)

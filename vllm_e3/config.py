@@ -59,6 +59,15 @@ class E3Config:
     target_batch: int | tuple[int, ...] = 32
     # Policy e3: the most steps one token may wait parked, in total.
     max_park_steps: int = 4
+    # Policy e3: park only while the scheduler can refill the first stage
+    # ("refill": requests are waiting and runner slots are free), or
+    # whenever a group is below target ("always"). Without a refill a parked
+    # request only moves a small batch from a later stage to the first.
+    park_when: str = "refill"
+    # Run the planner (vllm_e3.planner) when the model loads: measure stage
+    # costs on this machine and keep the exits, policy (no stronger than
+    # `policy`) and target batch that pay for the engine's batch and slots.
+    plan: bool = False
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -118,6 +127,14 @@ class E3Config:
         mps = kw.get("max_park_steps", 4)
         if isinstance(mps, bool) or not isinstance(mps, int) or mps < 0:
             raise E3ConfigError(f"{source}: 'max_park_steps' must be a non-negative integer, got {mps!r}")
+        if not isinstance(kw.get("plan", False), bool):
+            raise E3ConfigError(f"{source}: 'plan' must be true or false, got {kw['plan']!r}")
+        if kw.get("plan") and policy not in ("full", "token", "e3"):
+            raise E3ConfigError(f"{source}: 'plan' chooses among policies full, token and e3; "
+                                f"policy {policy!r} is not modelled")
+        if kw.get("park_when", "refill") not in ("refill", "always"):
+            raise E3ConfigError(f"{source}: 'park_when' must be 'refill' or 'always', "
+                                f"got {kw['park_when']!r}")
         seed = kw.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise E3ConfigError(f"{source}: 'seed' must be an integer, got {seed!r}")

@@ -244,6 +244,7 @@ class ExitPlan:
         policy = [cfg.policy] * num_reqs
         force = [cfg.force_exit] * num_reqs
         fill = [True] * num_reqs
+        park_when = [cfg.park_when] * num_reqs
         default_thr = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
         thr = [default_thr] * num_reqs
         if step is not None and step.has_extras() and len(step.extra_args) >= num_reqs:
@@ -267,6 +268,7 @@ class ExitPlan:
                 if "_e3_force_exit" in extra:
                     force[j] = {int(k): float(v) for k, v in extra["_e3_force_exit"].items()}
                 fill[j] = bool(extra.get("_e3_kv_fill", True))
+                park_when[j] = extra.get("_e3_park_when", park_when[j])
         pad = n_rows - layout.num_rows
         req = layout.req_of_row
 
@@ -282,8 +284,10 @@ class ExitPlan:
             rate[e] = per_row([f.get(e, float("nan")) for f in force], torch.float32, float("nan"))
             threshold[e] = per_row([t.get(e, inf) for t in thr], torch.float32, inf)
         sync = num_reqs > 0 and all(p == "sync" for p in policy)
-        # parking needs the E3 runner (step context) to reschedule the request
-        may_park = per_row([p == "e3" and step is not None for p in policy], torch.bool, False) & decode
+        # parking needs the E3 runner (step context) to reschedule the request,
+        # and under park_when "refill" a scheduler that can admit in its place
+        may_park = per_row([p == "e3" and step is not None and (w == "always" or step.refill)
+                            for p, w in zip(policy, park_when)], torch.bool, False) & decode
         return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True), may_park,
                    decode)
 

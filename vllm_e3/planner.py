@@ -12,19 +12,23 @@ per output token of a decode batch of B tokens:
 
     full : L t(B)/B + head
     token: sum_s L_s t(B S_s) / B + sum_e S_e dec + sum_e x_e (L - e) fill + head
-    e3   : as token, but every stage after the first runs at its target
-           batch b_s (per-token cost t(b_s)/b_s) instead of B S_s, and the
-           first stage at B0 <= B: parked requests hold runner slots, so
-           B0 = min(B, slots / (1 + parked per running request))
+    e3   : as token, but a stage after the first with a target batch b_s
+           runs at b_s (tokens wait up to max_park_steps) instead of B S_s,
+           and the first stage at B0 <= B: parked requests hold runner
+           slots, so B0 = min(B, slots / (1 + parked per running request))
 
 (S_s: fraction of tokens entering stage s, x_e: fraction exiting at e;
 slots: the engine's `--max-num-seqs`, B its `--max-num-active-seqs`; the E3
 scheduler admits past B while requests are parked, vllm_e3/scheduler.py). It
-keeps the subset of exits that minimises e3's cost, picks each stage's target
-as the smallest batch whose per-token cost is within 10% of a full batch's,
-and writes policy `full` when no subset beats the full model: e3 is then never
+searches every subset of the exits under token and, under e3, every per-exit
+target in {0 (never park), 8, 16, ..., B}, keeps the least modelled cost, and
+writes policy `full` when nothing beats the full model: the plan is never
 slower than full by construction of the choice (up to the model's error,
-which the benchmarks measure).
+which the benchmarks measure). Exits no token takes are never kept.
+
+At start-up (`"plan": true` in the E3 config) the model calls
+`startup_plan`: the same measurement in the engine's dtype, for the engine's
+batch and slots, the profile from `exit_profile`.
 """
 from __future__ import annotations
 
@@ -52,35 +56,70 @@ def _time(fn, reps: int) -> float:
 def measure_costs(model_dir: str, dtype=None, ctx: int = 128, reps: int = 15,
                   batches=BATCHES) -> dict:
     """Seconds: layer[b] (one decoder layer, b decode tokens), decision per row
-    per measure, fill per row per layer, head per row."""
+    per measure, fill per row per layer, head per row. Reads the weights of
+    layer 0 and the head straight from the checkpoint (no transformers: the
+    serving path runs this at start-up when the E3 config asks)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.no_grad():
         return _measure(model_dir, dtype or torch.float32, ctx, reps, batches)
 
 
+def _read_weights(model_dir: str, names: list[str], dtype) -> dict:
+    """The named tensors of a safetensors checkpoint (single file or sharded)."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    where = (json.load(open(index))["weight_map"] if os.path.isfile(index)
+             else {n: "model.safetensors" for n in names})
+    out = {}
+    for name in names:
+        with safe_open(os.path.join(model_dir, where[name]), framework="pt") as f:
+            out[name] = f.get_tensor(name).to(dtype)
+    return out
+
+
+def _has_weight(model_dir: str, name: str) -> bool:
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        return name in json.load(open(index))["weight_map"]
+    with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as f:
+        return name in f.keys()
+
+
 def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
+    import torch.nn.functional as F
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    cfg = model.config
-    layer = model.model.layers[0]
-    a = layer.self_attn
-    d, hd = cfg.hidden_size, a.head_dim
-    nkv = cfg.num_key_value_heads
-    groups = cfg.num_attention_heads // nkv
-    head_w = model.lm_head.weight
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    d, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads", nh)
+    hd = cfg.get("head_dim") or d // nh
+    groups, eps = nh // nkv, cfg.get("rms_norm_eps", 1e-6)
+    pre = "model.layers.0."
+    parts = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+             "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+             "mlp.down_proj"]
+    head = "lm_head.weight" if _has_weight(model_dir, "lm_head.weight") else "model.embed_tokens.weight"
+    w = _read_weights(model_dir, [f"{pre}{p}.weight" for p in parts] + [head], dtype)
+    n_in, wq, wk, wv, wo, n_post, wg, wu, wd = (w[f"{pre}{p}.weight"] for p in parts)
+    head_w = w[head]
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
     def layer_step(x, K, V):
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(x.shape[0], nkv, groups, hd)
-        a.k_proj(h); a.v_proj(h)
-        s = torch.einsum("bkgd,bkcd->bkgc", q, K).softmax(-1)
-        o = torch.einsum("bkgc,bkcd->bkgd", s, V).reshape(x.shape[0], -1)
-        x = x + a.o_proj(o)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        b = x.shape[0]
+        h = rms(x, n_in)
+        q = (h @ wq.T).view(b, nkv, groups, hd)
+        h @ wk.T, h @ wv.T
+        a = torch.einsum("bkgd,bkcd->bkgc", q, K).softmax(-1)
+        o = torch.einsum("bkgc,bkcd->bkgd", a, V).reshape(b, -1)
+        x = x + o @ wo.T
+        h = rms(x, n_post)
+        return x + (F.silu(h @ wg.T) * (h @ wu.T)) @ wd.T
 
     out = {"layer": {}, "batches": list(batches), "dtype": str(dtype), "ctx": ctx}
     for b in batches:
@@ -95,10 +134,38 @@ def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
         "margin": _time(lambda: (x @ head_w.T).float().topk(2, -1), reps) / b,
         "gate": _time(lambda: torch.sigmoid(x @ x[0]), reps) / b,
     }
-    kv_w = torch.cat([a.k_proj.weight, a.v_proj.weight])
-    out["fill_per_row_layer"] = _time(lambda: layer.input_layernorm(x) @ kv_w.T, reps) / b
-    out["num_layers"] = cfg.num_hidden_layers
+    kv_w = torch.cat([wk, wv])
+    out["fill_per_row_layer"] = _time(lambda: rms(x, n_in) @ kv_w.T, reps) / b
+    out["num_layers"] = cfg["num_hidden_layers"]
     return out
+
+
+def exit_profile(cfg, model_dir: str) -> dict[int, float] | None:
+    """Fraction of decode tokens leaving at each exit under `cfg`: from its
+    synthetic profile (rates of the tokens reaching each exit), else from the
+    calibration row whose thresholds the config deploys (its held-out
+    verification), else None."""
+    from .config import CALIBRATION_FILENAME, e3_dir
+
+    if cfg.force_exit:
+        out, reach = {}, 1.0
+        for e in cfg.exits:
+            out[e] = reach * min(1.0, cfg.force_exit.get(e, 0.0))
+            reach -= out[e]
+        return out
+    path = os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    raw = json.load(open(path))
+    if "exit_fractions" in raw:
+        return {int(k): float(v) for k, v in raw["exit_fractions"].items()}
+    want = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
+    for row in raw.get("table", []):
+        chosen = row.get("chosen") or {}
+        thr = {e: t for e, t in zip(raw["exits"], chosen.get("thresholds", [])) if t is not None}
+        if want and thr == want and chosen.get("measure") == cfg.confidence:
+            return dict(zip(raw["exits"], chosen["verify"]["exit_fraction"]))
+    return None
 
 
 def _interp(layer: dict, b: float) -> float:
@@ -113,12 +180,23 @@ def _interp(layer: dict, b: float) -> float:
     return (layer[top] if top in layer else layer[str(top)]) * b / top
 
 
+def _targets_of(exits, target) -> list[int]:
+    """Per-exit target batches (0: that stage never parks)."""
+    if not target:
+        return [0] * len(exits)
+    if isinstance(target, int):
+        return [target] * len(exits)
+    return list(target)
+
+
 def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: str,
-                   target: int | None = None, slots: int | None = None) -> float:
+                   target=None, slots: int | None = None, max_park: int = 4) -> float:
     """Modelled seconds per output token (see the module docstring).
 
-    Policy e3 at target b: a stage whose natural batch B0*S_s is below b runs
-    at b; its tokens wait k_s = b/(B0*S_s) - 1 steps on average, and parked
+    Policy e3, `target` one int for every stage after the first or one per
+    exit (0: that stage never parks): a stage whose natural batch B0*S_s is
+    below its target b_s runs at b_s; its tokens wait
+    k_s = min(b_s/(B0*S_s) - 1, max_park) steps on average, and parked
     requests hold their slots, so stage 0 runs at
     B0 = min(B, slots / (1 + sum_s S_s k_s)) (fixed-point iteration; slots
     defaults to B, a full engine): regrouping pays only where the gain in
@@ -130,18 +208,21 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     surv = [1.0]
     for e in exits:
         surv.append(max(0.0, surv[-1] - fractions.get(e, 0.0)))
+    tgt = [0, *_targets_of(exits, target)] if policy == "e3" else [0] * (len(exits) + 1)
+
+    def waits(B0):
+        return [min(max(0.0, t / max(B0 * S, 1e-9) - 1.0), max_park) if t and S > 0 else 0.0
+                for S, t in zip(surv, tgt)]
+
     B0 = float(B)
-    for _ in range(20 if policy == "e3" and target else 0):
-        wait = sum(S * max(0.0, target / max(B0 * S, 1e-9) - 1.0) for S in surv[1:] if S > 0)
-        B0 = min(float(B), slots / (1.0 + wait))
+    for _ in range(30 if any(tgt) else 0):
+        B0 = min(float(B), slots / (1.0 + sum(S * k for S, k in zip(surv, waits(B0)))))
     total = 0.0
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, ((s, e), k) in enumerate(zip(zip(bounds[:-1], bounds[1:]), waits(B0))):
         S = surv[i]
         if S <= 0:
             continue
-        b = B0 * S
-        if policy == "e3" and i > 0 and target:
-            b = max(b, target)
+        b = B0 * S * (1.0 + k)
         total += (e - s) * _interp(layer, b) / b * S
         if e < L:
             x = fractions.get(e, 0.0)
@@ -150,29 +231,35 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
 
 
 def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
-         slots: int | None = None) -> dict:
-    """The exits, policy and target with the least modelled cost per token."""
+         slots: int | None = None, policies=("token", "e3"), max_park: int = 4) -> dict:
+    """The exits, policy (`full` or one of `policies`) and per-exit target
+    batches (policy e3) with the least modelled cost per token."""
     L = costs["num_layers"]
     full = per_token_cost(costs, [], {}, B, measure, "full")
-    best = {"policy": "full", "exits": [], "cost": full, "target_batch": B}
-    targets = [b for b in costs["batches"] if b <= B]
-    for k in range(1, len(allowed_exits) + 1):
-        for subset in itertools.combinations(sorted(allowed_exits), k):
-            options = [("token", None)] + [("e3", t) for t in targets]
+    best = {"policy": "full", "exits": [], "cost": full, "target_batch": []}
+    choices = [0] + [b for b in costs["batches"] if 8 <= b <= B]
+    taken = sorted(e for e in allowed_exits if fractions.get(e, 0.0) > 0)  # the rest cannot pay
+
+    def e3_options(subset):
+        return [list(t) for t in itertools.product(choices, repeat=len(subset)) if any(t)]
+
+    for k in range(1, len(taken) + 1):
+        for subset in itertools.combinations(taken, k):
+            options = ([("token", [0] * k)] if "token" in policies else []) + \
+                      ([("e3", t) for t in e3_options(subset)] if "e3" in policies else [])
             for policy, t in options:
-                c = per_token_cost(costs, subset, fractions, B, measure, policy, t, slots)
+                c = per_token_cost(costs, subset, fractions, B, measure, policy, t, slots, max_park)
                 if c < best["cost"]:
-                    best = {"policy": policy, "exits": list(subset), "cost": c,
-                            "target_batch": t or B}
+                    best = {"policy": policy, "exits": list(subset), "cost": c, "target_batch": t}
     best["full_cost"] = full
     best["relative_cost"] = best["cost"] / full
     best["num_layers"] = L
     if best["exits"]:
-        best["token_cost_same_exits"] = per_token_cost(
-            costs, best["exits"], fractions, B, measure, "token") / full
+        ex = best["exits"]
+        best["token_cost_same_exits"] = per_token_cost(costs, ex, fractions, B, measure, "token") / full
         best["e3_cost_same_exits"] = min(
-            per_token_cost(costs, best["exits"], fractions, B, measure, "e3", t, slots)
-            for t in targets) / full
+            per_token_cost(costs, ex, fractions, B, measure, "e3", t, slots, max_park)
+            for t in e3_options(ex)) / full
     return best
 
 
@@ -185,12 +272,12 @@ def main(args) -> int:
     if args.profile:
         fractions = {int(k): float(v) for k, v in json.loads(args.profile).items()}
     else:
-        cal = os.path.join(e3_dir(model_dir), "calibration.json")
-        if not os.path.isfile(cal):
-            print("vllm-e3 plan: give --profile '{\"e\": fraction}' or calibrate first "
-                  f"({cal} is missing)", file=sys.stderr)
+        fractions = exit_profile(cfg, model_dir)
+        if fractions is None:
+            print("vllm-e3 plan: give --profile '{\"e\": fraction}', a force_exit profile in the "
+                  "E3 config, or calibrate first (no calibration row matches the config's "
+                  "thresholds)", file=sys.stderr)
             return 2
-        fractions = {int(k): v for k, v in json.load(open(cal)).get("exit_fractions", {}).items()}
     if not exits:
         exits = sorted(fractions)
     import torch
@@ -199,7 +286,9 @@ def main(args) -> int:
     print(f"[vllm-e3 plan] timing stages on this machine ({args.dtype}) ...", file=sys.stderr)
     costs = measure_costs(model_dir, dtype=dtype)
     measure = args.confidence or cfg.confidence
-    result = plan(costs, exits, fractions, args.batch, measure, args.slots)
+    can_park = (args.slots or args.batch) > args.batch or cfg.park_when == "always"
+    result = plan(costs, exits, fractions, args.batch, measure, args.slots,
+                  ("token", "e3") if can_park else ("token",), cfg.max_park_steps)
     lay = costs["layer"]
     print(f"decoder layer, ms per token by batch: " +
           ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
@@ -218,7 +307,7 @@ def main(args) -> int:
         keep = [i for i, e in enumerate(cfg.exits) if e in result["exits"]]
         raw.update({"policy": result["policy"], "exits": result["exits"],
                     "target_batch": result["target_batch"]})
-        if result["policy"] == "full":
+        if result["policy"] != "e3":
             raw.pop("target_batch")
         if cfg.exits and len(cfg.thresholds) == len(cfg.exits):
             raw["thresholds"] = [cfg.thresholds[i] for i in keep]
@@ -227,6 +316,58 @@ def main(args) -> int:
         json.dump(raw, open(path, "w"), indent=1)
         print(f"wrote {path}")
     return 0
+
+
+def startup_plan(cfg, model_dir: str, vllm_config):
+    """The E3 config the engine runs when its config says `plan: true`: the
+    planner's choice for this engine's batch (`max_num_active_seqs`, else
+    `max_num_seqs`) and slots (`max_num_seqs`), among `full` and policies no
+    stronger than the configured one (token < e3: the engine was set up for
+    that policy, e.g. prefix caching off under e3). Exits that only mark a
+    stage boundary (no threshold: per-request targets may use them) stay
+    unless the plan is `full`."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    from .config import E3ConfigError
+
+    log = logging.getLogger("vllm.e3")
+    if cfg.policy == "full" or not cfg.exits:
+        return dataclasses.replace(cfg, plan=False)
+    fractions = exit_profile(cfg, model_dir)
+    if fractions is None:
+        raise E3ConfigError(
+            "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
+            "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
+    can_fire = [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
+    sc = vllm_config.scheduler_config
+    batch = getattr(sc, "max_num_active_seqs", None) or sc.max_num_seqs
+    dtype = vllm_config.model_config.dtype
+    t0 = time.perf_counter()
+    costs = measure_costs(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    measure = "forced" if cfg.force_exit else cfg.confidence
+    # under park_when "refill" e3 parks only into spare slots
+    can_park = sc.max_num_seqs > batch or cfg.park_when == "always"
+    policies = ("token", "e3") if cfg.policy == "e3" and can_park else ("token",)
+    best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
+                cfg.max_park_steps)
+    if best["policy"] == "full":
+        exits = ()
+    else:
+        exits = tuple(e for e in cfg.exits if e in best["exits"] or e not in can_fire)
+    thr = dict(zip(cfg.exits, cfg.thresholds))
+    new = dataclasses.replace(
+        cfg, policy=best["policy"], exits=exits, thresholds=tuple(thr[e] for e in exits),
+        force_exit={e: r for e, r in cfg.force_exit.items() if e in exits},
+        target_batch=tuple(dict(zip(best["exits"], best["target_batch"])).get(e, 0) for e in exits)
+        if exits else 0, plan=False)
+    log.info("vllm-e3 plan at start-up (%.1f s, batch %d, slots %d, %s): policy %s, exits %s, "
+             "target batch %s, modelled cost %.3f of full", time.perf_counter() - t0, batch,
+             sc.max_num_seqs, measure, new.policy, list(new.exits), new.target_batch,
+             best["relative_cost"])
+    return new
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:

@@ -19,6 +19,12 @@ With `--max-num-seqs 2B --max-num-active-seqs B` the first stage keeps B
 requests while up to B more wait parked (E3's setting: more requests in
 flight than the batch each stage runs at; the cost is their KV cache).
 With the two equal (the default) this changes nothing.
+
+Refill. Each output carries `e3_refill` (an attribute of this scheduler's
+own SchedulerOutput, read by vllm_e3.worker): whether requests are waiting
+and runner slots are free. Under `park_when: refill` (the default) the model
+parks only then: with nothing to admit, parking only moves a small batch
+from a later stage to the first.
 """
 from __future__ import annotations
 
@@ -35,7 +41,9 @@ class E3Scheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         parked = sum(1 for rid in self.e3_parked_ids if rid in self.requests)
         self.max_num_active_reqs = min(self.max_num_running_reqs, self.e3_active_cap + parked)
-        return super().schedule(*args, **kwargs)
+        out = super().schedule(*args, **kwargs)
+        out.e3_refill = len(self.waiting) > 0 and len(self.running) < self.max_num_running_reqs
+        return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)

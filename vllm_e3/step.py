@@ -14,6 +14,7 @@ serve many cases, since an engine takes ~25 s to start):
 - `_e3_force_exit`: {exit point: rate} replacing the engine's synthetic profile
 - `_e3_kv_fill`: False skips the KV fill of this request's exited tokens (to
   show the tests fail without it)
+- `_e3_park_when`: "refill" | "always", replacing the engine's `park_when`
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class StepContext:
     # them at the same position, and the model resumes them where they
     # stopped.
     parked_req_ids: list[str] = field(default_factory=list)
+    # From the E3 scheduler: requests are waiting and runner slots are free,
+    # so a request parked now lets the next step admit one in its place.
+    refill: bool = True
 
     def has_extras(self) -> bool:
         """Does any request carry extra_args (knobs or test overrides)?"""

@@ -24,7 +24,13 @@ class E3CPUModelRunner(CPUModelRunner):
             state = self.requests.get(rid)
             sp = state.sampling_params if state is not None else None
             extras.append(sp.extra_args if sp is not None else None)
-        return StepContext(req_ids, extras)
+        return StepContext(req_ids, extras, refill=self._e3_refill)
+
+    _e3_refill = True
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        self._e3_refill = getattr(scheduler_output, "e3_refill", True)
+        return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _update_states(self, scheduler_output):
         # Finished and aborted requests drop their parked state now (the
@@ -69,6 +75,11 @@ class E3CPUWorker(CPUWorker):
 
     def e3_model_class(self) -> str:
         return type(self._e3_model()).__name__
+
+    def e3_config(self) -> dict | None:
+        """The E3 config the model runs (after a start-up plan, if any)."""
+        cfg = getattr(self._e3_model(), "e3", None)
+        return cfg.to_dict() if cfg is not None else None
 
     def e3_exit_stats(self) -> dict | None:
         from .stats import exit_stats

@@ -53,6 +53,10 @@ class E3CausalLMMixin:
         cfg = self.config
         self.e3 = e3_config_from_vllm(vllm_config)
         self.e3.validate_for_model(cfg.num_hidden_layers)
+        if self.e3.plan:   # measure here, keep what pays (vllm_e3.planner)
+            from ..planner import startup_plan
+
+            self.e3 = startup_plan(self.e3, vllm_config.model_config.model, vllm_config)
         self.e3_num_layers = cfg.num_hidden_layers
         ramps_path = os.path.join(e3_dir(vllm_config.model_config.model), RAMPS_FILENAME)
         self.e3_ramps_path = ramps_path if os.path.isfile(ramps_path) else None
@@ -273,8 +277,9 @@ class E3CausalLMMixin:
     def _e3_should_park(self, e: int, plan: ExitPlan, act: Active, resume) -> bool:
         """Park the group continuing past exit `e` when the next stage would
         run below its target batch, every row may park (decode rows of e3
-        requests: a prompt row makes the stage run anyway), and no token has
-        reached its wait bound."""
+        requests, under park_when: refill only while the scheduler can admit
+        in their place; a prompt row makes the stage run anyway), and no
+        token has reached its wait bound."""
         joining = resume.get(e)
         n = act.rows.numel() + (joining.rows.numel() if joining is not None else 0)
         if n >= self.e3.target_at(e) or not bool(plan.may_park[act.rows].all()):
