@@ -8,7 +8,9 @@ difference):
   default, and a calibration table whose rows send every token out at 15
   (target <= 0.9), at 22 (target <= 0.95), or nowhere (0.99);
 - server `load`: the shipped weights under policy e3 with the synthetic
-  "middle" profile (30% of decode tokens leave at 8, 25% at 15, 20% at 22);
+  "middle" profile (30% of decode tokens leave at 8, 25% at 15, 20% at 22),
+  32 requests admitted at a time and 64 runner slots (parked requests wait
+  in the other 32);
 - `offline`: `LLM(...)` on the planted deployment, where the test-only
   per-request overrides give the forced exits and the full model (exits off)
   to compare the servers with.
@@ -61,7 +63,9 @@ def knobs_server(planted, tmp_path_factory):
 def load_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("load") / "server.log"
     e3 = {"e3": {"policy": "e3", "exits": [8, 15, 22], "force_exit": MIDDLE, "target_batch": 32}}
-    args = ["--model-impl", "e3", *COMMON, "--max-num-seqs", "64", "--additional-config", json.dumps(e3)]
+    # E3's setting: 64 clients, 32 admitted at a time, 32 more slots for parked requests
+    args = ["--model-impl", "e3", *COMMON, "--max-num-seqs", "64", "--max-num-active-seqs", "32",
+            "--additional-config", json.dumps(e3)]
     with vllm_server(model_dir, args, log, PLUGINS) as (url, proc):
         yield url, proc
 
