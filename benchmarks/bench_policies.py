@@ -110,9 +110,10 @@ def main() -> None:
 
     cases = [("vanilla", "vanilla", None), ("vanilla-8L", "vanilla-8L", None),
              ("vanilla-15L", "vanilla-15L", None)]
+    sweep_top = "vanilla-closed" if queued else "vanilla"   # the depth sweep's 30 layers
     if queued:
-        cases.append(("vanilla-closed", "vanilla", None))
-    sweep = {"vanilla-8L", "vanilla-15L", "vanilla-closed" if queued else "vanilla"}
+        cases.append((sweep_top, "vanilla", None))
+    sweep = {"vanilla-8L", "vanilla-15L", sweep_top}
     if "full" in policies:
         cases.append(("full", "full", None))
     profiles = {k: PROFILES[k] for k in args.profiles.split(",")}
@@ -156,7 +157,6 @@ def main() -> None:
     med = {k: median(v) for k, v in times.items()}
     # decoder-layer seconds per decode token per layer from the vanilla depth sweep
     dec = {k: median(v) for k, v in decode_s.items()}
-    sweep_top = "vanilla-closed" if queued else "vanilla"
     xs, ys = [8, 15, 30], [dec["vanilla-8L"], dec["vanilla-15L"], dec[sweep_top]]
     mx, my = sum(xs) / 3, sum(ys) / 3
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)

@@ -65,28 +65,26 @@ def measure_costs(model_dir: str, dtype=None, ctx: int = 128, reps: int = 15,
         return _measure(model_dir, dtype or torch.float32, ctx, reps, batches)
 
 
-def _read_weights(model_dir: str, names: list[str], dtype) -> dict:
-    """The named tensors of a safetensors checkpoint (single file or sharded)."""
-    from safetensors import safe_open
-
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    where = (json.load(open(index))["weight_map"] if os.path.isfile(index)
-             else {n: "model.safetensors" for n in names})
-    out = {}
-    for name in names:
-        with safe_open(os.path.join(model_dir, where[name]), framework="pt") as f:
-            out[name] = f.get_tensor(name).to(dtype)
-    return out
-
-
-def _has_weight(model_dir: str, name: str) -> bool:
+def _weight_map(model_dir: str) -> dict[str, str]:
+    """Tensor name -> file of a safetensors checkpoint (single file or sharded)."""
     from safetensors import safe_open
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        return name in json.load(open(index))["weight_map"]
+        return json.load(open(index))["weight_map"]
     with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as f:
-        return name in f.keys()
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+def _read_weights(model_dir: str, where: dict[str, str], names: list[str], dtype) -> dict:
+    """The named tensors, each file opened once (`where`: `_weight_map`)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in {where[n] for n in names}:
+        with safe_open(os.path.join(model_dir, file), framework="pt") as f:
+            out.update({n: f.get_tensor(n).to(dtype) for n in names if where[n] == file})
+    return out
 
 
 def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
@@ -102,8 +100,9 @@ def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
     parts = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
              "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
              "mlp.down_proj"]
-    head = "lm_head.weight" if _has_weight(model_dir, "lm_head.weight") else "model.embed_tokens.weight"
-    w = _read_weights(model_dir, [f"{pre}{p}.weight" for p in parts] + [head], dtype)
+    where = _weight_map(model_dir)
+    head = "lm_head.weight" if "lm_head.weight" in where else "model.embed_tokens.weight"
+    w = _read_weights(model_dir, where, [f"{pre}{p}.weight" for p in parts] + [head], dtype)
     n_in, wq, wk, wv, wo, n_post, wg, wu, wd = (w[f"{pre}{p}.weight"] for p in parts)
     head_w = w[head]
 
@@ -286,7 +285,7 @@ def main(args) -> int:
     print(f"[vllm-e3 plan] timing stages on this machine ({args.dtype}) ...", file=sys.stderr)
     costs = measure_costs(model_dir, dtype=dtype)
     measure = args.confidence or cfg.confidence
-    can_park = (args.slots or args.batch) > args.batch or cfg.park_when == "always"
+    can_park = e3_can_park(args.batch, args.slots, cfg.park_when)
     result = plan(costs, exits, fractions, args.batch, measure, args.slots,
                   ("token", "e3") if can_park else ("token",), cfg.max_park_steps)
     lay = costs["layer"]
@@ -316,6 +315,12 @@ def main(args) -> int:
         json.dump(raw, open(path, "w"), indent=1)
         print(f"wrote {path}")
     return 0
+
+
+def e3_can_park(batch: int, slots: int | None, park_when: str) -> bool:
+    """Can policy e3 park on an engine admitting `batch` with `slots` runner
+    slots? Under park_when "refill" only into spare slots."""
+    return (slots or batch) > batch or park_when == "always"
 
 
 def startup_plan(cfg, model_dir: str, vllm_config):
@@ -348,8 +353,7 @@ def startup_plan(cfg, model_dir: str, vllm_config):
     t0 = time.perf_counter()
     costs = measure_costs(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None)
     measure = "forced" if cfg.force_exit else cfg.confidence
-    # under park_when "refill" e3 parks only into spare slots
-    can_park = sc.max_num_seqs > batch or cfg.park_when == "always"
+    can_park = e3_can_park(batch, sc.max_num_seqs, cfg.park_when)
     policies = ("token", "e3") if cfg.policy == "e3" and can_park else ("token",)
     best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
                 cfg.max_park_steps)

@@ -233,13 +233,15 @@ class E3CausalLMMixin:
         finally:
             view.restore()
         stats.mixed_exit_steps += len(exited) > 1
-        if parked_rows:
+        # forward rows parked this step (padding rows dropped)
+        parked = torch.cat(parked_rows) if parked_rows else torch.zeros(0, dtype=torch.long)
+        parked = parked[parked < layout.num_rows]
+        if parked.numel():
             skip = torch.zeros(num_reqs, dtype=torch.bool)
-            for r in parked_rows:
-                skip[layout.req_of_row[r[r < layout.num_rows]]] = True
+            skip[layout.req_of_row[parked]] = True
             self._e3_no_logits = skip
         if step is not None:
-            self._e3_account(layout, step, exited, parked_rows)
+            self._e3_account(layout, step, exited, parked)
         exited = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in exited]
         exited = [g for g in exited if g[1].numel()]
         if exited:
@@ -333,7 +335,7 @@ class E3CausalLMMixin:
 
     FINISHED_KEPT = 4096
 
-    def _e3_account(self, layout: RowLayout, step, exited, parked_rows) -> None:
+    def _e3_account(self, layout: RowLayout, step, exited, parked: torch.Tensor) -> None:
         """Per-request counters of this step: a decode token counts when it
         yields its token (exited or ran to the end), not when it parks."""
         L = self.e3_num_layers
@@ -341,8 +343,7 @@ class E3CausalLMMixin:
         for e, r, _, _ in exited:
             layers[r] = e
         done = layout.decode_row.clone()
-        for r in parked_rows:
-            done[r[r < layout.num_rows]] = False
+        done[parked] = False
         rows = done.nonzero().squeeze(1)
         reqs = self.e3_requests
         for j, n in zip(layout.req_of_row[rows].tolist(), layers[rows].tolist()):
@@ -352,9 +353,8 @@ class E3CausalLMMixin:
             st.layers_full += L
             if n < L:
                 st.exited[n] = st.exited.get(n, 0) + 1
-        for r in parked_rows:
-            for j in layout.req_of_row[r[r < layout.num_rows]].tolist():
-                reqs[step.req_ids[j]].parked += 1
+        for j in layout.req_of_row[parked].tolist():
+            reqs[step.req_ids[j]].parked += 1
 
     def e3_finish_requests(self, req_ids) -> None:
         """Finished or aborted: drop parked state, keep the request's counters
