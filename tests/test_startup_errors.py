@@ -75,3 +75,61 @@ def test_unsupported_architecture(model_copy):
     msg = str(ei.value)
     assert "does not support architecture GPTNeoXForCausalLM" in msg
     assert "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+
+
+# ---- platform and vLLM version (issue 13, items 5 and 7) ------------------------------------------
+def _engine_args(model, **e3):
+    import vllm_e3
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_e3.register()   # the wrapper, as vLLM's plugin loader would install it
+    return EngineArgs(model=model, model_impl="e3", enforce_eager=True,
+                      additional_config={"e3": e3} if e3 else {})
+
+
+def test_exits_refused_off_cpu(model_dir, monkeypatch):
+    """A GPU (simulated: the platform says it is not a CPU) stops start-up
+    before vLLM builds anything, pointing at docs/gpu.md."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    with pytest.raises(RuntimeError) as ei:
+        _engine_args(model_dir, policy="token", exits=[8, 15]).create_engine_config()
+    msg = str(ei.value)
+    assert "runs on CPU only" in msg and "docs/gpu.md" in msg and "policy 'token'" in msg
+
+
+def test_full_policy_allowed_off_cpu():
+    """Policy full (and exits configured but unable to fire) passes the check
+    off CPU and asks for vLLM's own worker and scheduler (False); on CPU, E3's."""
+    from types import SimpleNamespace
+
+    from vllm_e3.config import load_e3_config
+    from vllm_e3.patches.patch_arg_utils import check_platform
+
+    gpu = SimpleNamespace(is_cpu=lambda: False, device_name="cuda")
+    cpu = SimpleNamespace(is_cpu=lambda: True, device_name="cpu")
+    full = load_e3_config("/nonexistent", {"policy": "full", "exits": [8, 15]})
+    assert check_platform(full, gpu) is False
+    assert check_platform(full, cpu) is True
+    sync = load_e3_config("/nonexistent", {"policy": "sync", "exits": [8]})
+    with pytest.raises(RuntimeError, match="see docs/gpu.md"):
+        check_platform(sync, gpu)
+    assert check_platform(sync, cpu) is True
+
+
+def test_other_vllm_version_refused(model_dir, monkeypatch):
+    import vllm.version
+
+    from vllm_e3.patches.patch_arg_utils import check_vllm_version, installed_vllm_version
+
+    # this build's own string (with or without a local "+cpu" suffix) passes
+    assert installed_vllm_version().startswith("0.32.0")
+    check_vllm_version()
+    check_vllm_version("0.32.0+cpu")
+    monkeypatch.setattr(vllm.version, "__version__", "0.33.1")
+    with pytest.raises(RuntimeError, match=r"needs vLLM 0\.32\.0, but vLLM 0\.33\.1 is installed"):
+        _engine_args(model_dir).create_engine_config()
+    for other in ("0.32.1", "0.32.0rc1", "dev"):
+        with pytest.raises(RuntimeError, match="needs vLLM 0.32.0"):
+            check_vllm_version(other)
