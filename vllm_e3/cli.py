@@ -1,4 +1,4 @@
-"""The `vllm-e3` command: prepare, train, calibrate, plan."""
+"""The `vllm-e3` command: prepare, train, calibrate, plan, layout."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from .planner import add_plan_parser
 
     add_plan_parser(sub)
+    from .layout import add_layout_parser
+
+    add_layout_parser(sub)
     try:
         from .train import add_train_parser
         add_train_parser(sub)
