@@ -47,13 +47,37 @@ def test_knee_layout_by_hand():
     assert res["dp"]["throughput"] == pytest.approx(64000)
     assert res["dp_exits"]["throughput"] == pytest.approx(64000)
     assert res["e3"]["vs_dp"] == pytest.approx(1.5)
-    # uniform PP, one layer per device: n0 = 256 / 4 = 64 per stage, 1 ms rounds, 64000 tok/s,
-    # p99 4 rounds = 4 ms; with the exit the survivors' stages idle and the first two run
-    # 102.4 rows (1.6 ms): 102.4 / 1.6 ms = 64000 again, so the plain layout is kept (a tie)
+    # uniform PP as vLLM runs it (every token visits all 4 stages): n0 = 256 / 4 = 64 per
+    # round, one layer per device, 1 ms rounds, 64000 tok/s, p99 4 rounds = 4 ms; with the exit
+    # stages 2-3 run 16 rows, still 1 ms: no gain, the plain layout is kept (a tie)
     assert uniform_boundaries(4, 4) == (1, 2, 3)
     assert res["pp"]["throughput"] == pytest.approx(64000)
     assert res["pp"]["tpot_p99_s"] == pytest.approx(4 * MS)
     assert res["pp_exits"]["throughput"] == pytest.approx(64000)
+    assert res["pp_exits"]["layout"].exits == ()
+    # as vLLM's DP x PP (equal replicas, no early return): (2, 2) split at 2 with the exit has
+    # n0 = 256 / 2 = 128, stage 0 at 64 rows = 2 ms, stage 1 at 16 survivors = 2 ms -> 64000,
+    # a tie with plain DP, found first
+    assert res["e3_dp_pp"]["layout"] == Layout((), (4,), ())
+    assert res["e3_dp_pp"]["throughput"] == pytest.approx(64000)
+
+
+def test_early_return_and_head_placement():
+    """KNEE plus a head of 1/64 ms per row, split at 2 with (3, 1) replicas, load 256.
+    Early return: n0 = 204.8; stage 0 (68.27 rows) runs the head for its 51.2 leaving rows:
+    2.1333 + 0.8 = 2.9333 ms; stage 1, the 51.2 survivors' layers and head: 2 + 0.8 = 2.8 ms;
+    204.8 / 2.9333 ms = 69818 tok/s. Without (vLLM PP: logits on the last rank for all): every
+    token visits both stages, n0 = 128; stage 0 at 42.67 rows = 2 ms; stage 1: 32 survivors
+    2 ms + head for all 128 rows 2 ms = 4 ms -> 32000 tok/s, p99 2 rounds = 8 ms."""
+    headed = {**KNEE, "head_per_row": MS / 64}
+    lay = Layout((2,), (3, 1), (2,))
+    got = evaluate(headed, lay, PROFILE, 256)
+    assert [s["step_s"] for s in got["stages"]] == pytest.approx([2.9333333 * MS, 2.8 * MS])
+    assert got["throughput"] == pytest.approx(204.8 / 2.9333333e-3)
+    got = evaluate(headed, lay, PROFILE, 256, early_return=False)
+    assert [s["step_s"] for s in got["stages"]] == pytest.approx([2 * MS, 4 * MS])
+    assert got["throughput"] == pytest.approx(32000)
+    assert got["tpot_p99_s"] == pytest.approx(8 * MS)
 
 
 def test_evaluate_values_by_hand():

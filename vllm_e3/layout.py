@@ -20,25 +20,32 @@ The model (closed-loop decode, lockstep rounds):
   next stage; the round period is T = max_s (tau_s + hop_s). A token spends one
   round in every stage it visits and, after its last one, its next token
   enters stage 0 in the next round. So with n0 tokens entering stage 0 per
-  round and S_s the fraction of tokens still running at the start of stage s,
-  C = n0 * sum_s S_s, throughput = n0 / T tokens/s, and a token that finishes
-  in stage s waits (s + 1) rounds. Mean TPOT = C / throughput (Little's law);
-  **p99 TPOT = T * k99**, k99 the stage count that 99% of tokens finish within
-  (per token, not per request: a request's mean over its tokens is lower, so
-  this is conservative). A stage faster than T idles: its extra wait is at most
-  one round, E3's batch-formation period at the bottleneck's rate.
+  round and V_s the fraction of tokens that visit stage s, C = n0 * sum_s V_s,
+  throughput = n0 / T tokens/s, and a token that finishes in stage s waits
+  (s + 1) rounds. Mean TPOT = C / throughput (Little's law); **p99 TPOT =
+  T * k99**, k99 the stage count that 99% of tokens finish within (per token,
+  not per request: a request's mean over its tokens is lower, so this is
+  conservative). A stage faster than T idles: its extra wait is at most one
+  round, E3's batch-formation period at the bottleneck's rate. vLLM PP keeps
+  D batches in flight the same way (`max_concurrent_batches` = PP size).
+- Early return (E3's design, `early_return=True`): a token finishes in the
+  stage where it exits, whose device runs the head for it: V_s = S_s, the
+  fraction still running at the start of stage s. Without it (vLLM PP with
+  issue 15's item 2: the last rank makes logits for every row) every token
+  visits all D stages, V_s = 1, and the head runs on the last stage for all.
 - Regrouping: the survivors of all r_(s-1) replicas are spread evenly over the
   r_s replicas of stage s, so a replica computes n0 * S(l) / r_s rows at layer
   l (fluid: fractional batches, linear interpolation of the curve between
-  measured batches as the planner does).
+  measured batches as the planner does). Decode pins each request to one
+  replica per stage (its KV cache lives there), so this even spread holds in
+  expectation over requests, not row for row.
 - tau_s = sum over layers l of the stage of layer(n0 S(l) / r_s)
   + decisions (rows reaching each firing exit e in (start_s, end_s])
   + KV fill (rows that left earlier, for each layer of the stage)
-  + on the last stage the LM head for every row.
+  + the LM head for the rows that finish in the stage.
   Exited rows' pre-ramp state keeps travelling to later stages: the KV fill of
-  a layer runs on the device that holds it, and logits are made on the last
-  stage for every row (issue 15's PP design, as in vLLM PP where the last rank
-  computes logits). So exits save compute, never transfer.
+  a layer runs on the device that holds it (issue 15's PP design). So exits
+  save compute, never transfer.
 - hop_s = hop_latency + hop_cost * n0 / r_s for every stage but the last (rows
   sent by one replica; no overlap of compute and transfer, conservative), and
   hop_latency alone on the last stage when there are several stages (sampled
@@ -100,10 +107,12 @@ def _survival(exits, fractions) -> callable:
 
 
 def stage_time(costs: dict, start: int, end: int, rows: float, exits, fractions,
-               measure: str) -> float:
+               measure: str, early_return: bool = True) -> float:
     """Seconds for one step of a replica of stage [start, end) that receives
     `rows` rows (all tokens of its share, exited ones included). Segments of
-    layers between exits run on the surviving rows; see the module docstring."""
+    layers between exits run on the surviving rows; the head runs for the rows
+    that finish here (early_return) or, on the last stage, for every row; see
+    the module docstring."""
     L = costs["num_layers"]
     S = _survival(exits, fractions)
     dec = costs["decision_per_row"].get(measure, 0.0)
@@ -121,12 +130,14 @@ def stage_time(costs: dict, start: int, end: int, rows: float, exits, fractions,
             if before > 0:
                 t += rows * before * dec
     if end == L:
-        t += rows * costs["head_per_row"]
+        t += rows * (S(start) if early_return else 1.0) * costs["head_per_row"]
+    elif early_return:
+        t += rows * (S(start) - S(end)) * costs["head_per_row"]
     return t
 
 
 def evaluate(costs: dict, layout: Layout, fractions, load: float, measure: str = "forced",
-             hop_cost: float = 0.0, hop_latency: float = 0.0) -> dict:
+             hop_cost: float = 0.0, hop_latency: float = 0.0, early_return: bool = True) -> dict:
     """Throughput (tokens/s), round period, TPOT (mean, p99) and per-stage
     figures of `layout` at `load` sequences in flight."""
     L = costs["num_layers"]
@@ -136,17 +147,20 @@ def evaluate(costs: dict, layout: Layout, fractions, load: float, measure: str =
     assert all(a < z for a, z in zip(bounds[:-1], bounds[1:])), layout
     S = _survival(layout.exits, fractions)
     enter = [S(bounds[s]) for s in range(D)]   # S_s: tokens computing the first layer of stage s
-    n0 = load / sum(enter)
+    # without early return every token's next one waits for the last stage: D rounds each
+    visits = enter if early_return else [1.0] * D
+    n0 = load / sum(visits)
     stages = []
     for s in range(D):
         r = layout.replicas[s]
-        tau = stage_time(costs, bounds[s], bounds[s + 1], n0 / r, layout.exits, fractions, measure)
+        tau = stage_time(costs, bounds[s], bounds[s + 1], n0 / r, layout.exits, fractions, measure,
+                         early_return)
         hop = (hop_latency + hop_cost * n0 / r) if s < D - 1 else (hop_latency if D > 1 else 0.0)
         stages.append({"layers": [bounds[s], bounds[s + 1]], "replicas": r, "rows": n0 / r,
                        "batch": n0 * enter[s] / r, "step_s": tau, "hop_s": hop})
     T = max(st["step_s"] + st["hop_s"] for st in stages)
     # tokens finishing in stage s: those entering it minus those entering the next
-    done = [enter[s] - (enter[s + 1] if s + 1 < D else 0.0) for s in range(D)]
+    done = [visits[s] - (visits[s + 1] if s + 1 < D else 0.0) for s in range(D)]
     k99, acc = D, 0.0
     for s, p in enumerate(done):
         acc += p
@@ -198,9 +212,12 @@ def _better(new: dict, best: dict | None) -> bool:
 
 def search(costs: dict, candidates, fractions, devices: int, load: float, measure: str = "forced",
            hop_cost: float = 0.0, hop_latency: float = 0.0, latency_bound: float | None = 2.0,
-           boundaries=None, replicas=None, exits=None) -> dict | None:
+           boundaries=None, replicas=None, exits=None, equal_replicas: bool = False,
+           early_return: bool = True) -> dict | None:
     """Best admissible layout (None if none is). `boundaries` / `replicas` /
-    `exits` fix that part of the layout (a tuple) instead of searching it."""
+    `exits` fix that part of the layout (a tuple) instead of searching it;
+    `equal_replicas` keeps only layouts with as many replicas in every stage
+    (what vLLM's DP x PP runs: DP engines, each a whole pipeline)."""
     L = costs["num_layers"]
     limit = None if latency_bound is None else latency_bound * vanilla_tpot(costs, devices, load)
     cands = sorted({int(e) for e in candidates if 0 < int(e) < L})
@@ -212,8 +229,11 @@ def search(costs: dict, candidates, fractions, devices: int, load: float, measur
     for bs in bsets:
         rsets = [tuple(replicas)] if replicas is not None else _compositions(devices, len(bs) + 1)
         for rs in rsets:
+            if equal_replicas and len(set(rs)) > 1:
+                continue
             for ex in esets:
-                got = evaluate(costs, Layout(bs, rs, ex), fractions, load, measure, hop_cost, hop_latency)
+                got = evaluate(costs, Layout(bs, rs, ex), fractions, load, measure, hop_cost,
+                               hop_latency, early_return)
                 if limit is not None and got["tpot_p99_s"] > limit * (1 + TIE):
                     continue
                 if _better(got, best):
@@ -227,9 +247,12 @@ def search(costs: dict, candidates, fractions, devices: int, load: float, measur
 def compare(costs: dict, candidates, fractions, devices: int, batch: int = 64,
             measure: str = "forced", hop_cost: float = 0.0, hop_latency: float = 0.0,
             latency_bound: float = 2.0) -> dict:
-    """DP, uniform PP (each without and with exits) and E3's layout at load
-    devices x batch, all by `evaluate`. Baselines are not held to the bound
-    (their p99 is reported); E3's search is."""
+    """DP, uniform PP (each without and with exits), E3's layout, and E3's
+    layout as vLLM's DP x PP can run it (equal replicas per stage, boundaries
+    via VLLM_PP_LAYER_PARTITION, every row's logits on the last PP rank: no
+    early return), at load devices x batch, all by `evaluate`. Baselines are
+    not held to the bound (their p99 is reported); both E3 searches are.
+    Uniform PP, as vLLM runs it, has no early return either."""
     load = devices * batch
     L = costs["num_layers"]
     common = dict(measure=measure, hop_cost=hop_cost, hop_latency=hop_latency)
@@ -241,10 +264,12 @@ def compare(costs: dict, candidates, fractions, devices: int, batch: int = 64,
         "dp_exits": search(costs, candidates, fractions, devices, load, latency_bound=None,
                            boundaries=dp[0], replicas=dp[1], **common),
         "pp": search(costs, candidates, fractions, devices, load, latency_bound=None,
-                     boundaries=pp[0], replicas=pp[1], exits=(), **common),
+                     boundaries=pp[0], replicas=pp[1], exits=(), early_return=False, **common),
         "pp_exits": search(costs, candidates, fractions, devices, load, latency_bound=None,
-                           boundaries=pp[0], replicas=pp[1], **common),
+                           boundaries=pp[0], replicas=pp[1], early_return=False, **common),
         "e3": search(costs, candidates, fractions, devices, load, latency_bound=latency_bound, **common),
+        "e3_dp_pp": search(costs, candidates, fractions, devices, load, latency_bound=latency_bound,
+                           equal_replicas=True, early_return=False, **common),
     }
     vt = vanilla_tpot(costs, devices, load)
     for v in out.values():
@@ -301,6 +326,9 @@ def scale_profile(fractions: dict, src_layers: int, dst_layers: int) -> dict:
 
 
 # ---- CLI -------------------------------------------------------------------------------------
+NAMES = ("dp", "dp_exits", "pp", "pp_exits", "e3", "e3_dp_pp")
+
+
 def _fmt(name: str, r: dict | None) -> str:
     if r is None:
         return f"{name:9s} no layout meets the latency bound"
@@ -358,7 +386,7 @@ def main(args) -> int:
           f"sequences, exits {fractions}, {measure}, hop {args.hop_cost} us/token + "
           f"{args.hop_latency} us, p99 TPOT <= {args.latency_bound}x vanilla "
           f"({1e3 * args.latency_bound * vanilla_tpot(costs, args.devices, args.devices * args.batch):.2f} ms)")
-    for name in ("dp", "dp_exits", "pp", "pp_exits", "e3"):
+    for name in NAMES:
         print(_fmt(name, res[name]))
     if args.json:
         def plain(r):
