@@ -8,6 +8,13 @@ tokenizer and chat template, in `$VLLM_E3_HOME/SmolLM2-135M-Instruct`
 renamed into place once verified; a manifest of sha256 sums makes a second
 run a quick check. The model directory is the last line of stdout.
 
+The written config.json says bfloat16, which vLLM 0.32 CPU compiles into a
+graph that decodes wrong tokens. It is left so on purpose: the shipped ramps
+record the hash of config.json (`vllm_e3.ramps.model_hash`), so a float32
+config would orphan them and every existing cache. Serving picks float32
+instead: `make serve` passes `--dtype float32`, and `--model-impl e3` with
+exits turns `--dtype auto` into float32 on CPU (patches/patch_arg_utils.py).
+
 Then it deploys the embedded model's committed ramps and calibration
 (`artifacts/smollm2-135m/e3/`, made by `make ramps`; installed as package data
 of `vllm_e3.artifacts`) into `<model_dir>/e3/`, after checking that they were
@@ -200,20 +207,19 @@ def check_artifact(model_dir: str, src: str | None = None) -> str:
     """The shipped artifact folder, once its ramps' base-model hash is that
     of the weights in `model_dir` (`vllm_e3.ramps.model_hash`)."""
     from .config import RAMPS_FILENAME, E3ConfigError
-    from .ramps import model_hash, read_ramps_header
+    from .ramps import check_base_model, read_ramps_header
 
     src = src or artifact_dir()
     missing = [n for n in _e3_files() if not os.path.isfile(os.path.join(src, n))]
     if missing:
         raise E3ConfigError(f"the shipped e3 artifact {src} lacks {missing}: `make ramps` makes it")
     ramps = os.path.join(src, RAMPS_FILENAME)
-    want, got = read_ramps_header(ramps)[0].get("base_model_hash", "?"), model_hash(model_dir)
-    if want != got:
-        raise E3ConfigError(
-            f"the shipped ramps {ramps} were trained for base model {want[:12]}, but the weights in "
-            f"{model_dir} (config.json + *.safetensors) hash to {got[:12]}: rebuild them with "
-            f"`vllm-e3 prepare --force`, retrain the ramps for these weights with `make ramps`, or "
-            f"serve without ramps (`vllm-e3 prepare --no-e3`)")
+    try:
+        check_base_model(ramps, read_ramps_header(ramps)[0], model_dir)
+    except E3ConfigError as exc:
+        raise E3ConfigError(f"{exc}. For the embedded model: rebuild it with `vllm-e3 prepare --force`, "
+                            f"retrain with `make ramps`, or serve without ramps (`vllm-e3 prepare --no-e3`)"
+                            ) from None
     return src
 
 
