@@ -21,9 +21,10 @@ config, in the front-end process, before any engine process starts. With
 - adds the logits processor whose `validate_params` checks the per-request
   knobs in the front end (vllm_e3.knobs), and points the front end's exit
   metrics at the file the worker will publish (vllm_e3.metrics);
-- runs the exit path eagerly (`enforce_eager`) when exits can fire: the stage
-  loop changes the token count inside the forward, which vLLM's single
-  compiled graph cannot express. Policy `full` keeps vLLM's compile default.
+- leaves the compile mode to vLLM and the user: with exits, each stage (the
+  layers between two exit points) is its own compiled unit
+  (vllm_e3/models/stage.py) and only the exit logic between them runs
+  eagerly; `--enforce-eager` still runs everything eagerly.
 """
 from __future__ import annotations
 
@@ -202,9 +203,6 @@ def _make(orig):
                     "token yields no output and is rescheduled at the same position, which the async "
                     "scheduler's placeholders cannot express; drop --async-scheduling or use policy 'token'")
             self.async_scheduling = False     # auto: off (the CPU platform turns it off as well)
-        if e3cfg.exits_active and not self.enforce_eager:
-            logger.info("vllm-e3: policy %s runs the exit path eagerly (enforce_eager)", e3cfg.policy)
-            self.enforce_eager = True
         _add_request_validator(self)
         config = orig(self, *args, **kwargs)
         check_against_model(e3cfg, config)

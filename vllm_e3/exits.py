@@ -175,7 +175,10 @@ def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.
     if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm on K before RoPE
         k = attn.k_norm(k.reshape(-1, attn.num_kv_heads, head_dim)).reshape(k.shape)
     k = k.contiguous()
-    attn.rotary_emb(positions, k, None)  # in place on K alone
+    # K alone, passed as RoPE's query: use the returned tensor -- vLLM's CPU op
+    # rotates in place, but under compilation (custom ops off) the native
+    # path returns a new one and leaves `k` unrotated
+    k, _ = attn.rotary_emb(positions, k, None)
     a = attn.attn
     a.impl.do_kv_cache_update(
         a,

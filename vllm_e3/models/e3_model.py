@@ -40,6 +40,7 @@ from ..knobs import CalibrationTable
 from ..kernels import compact, exit_confidence, gate_confidence
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
+from .stage import build_stages
 
 logger = logging.getLogger("vllm.e3")
 
@@ -79,6 +80,14 @@ class E3CausalLMMixin:
         # [num_reqs] bool, set by a forward that parked rows and read by the
         # next compute_logits: parked requests get no token, so no head row
         self._e3_no_logits: torch.Tensor | None = None
+        # the stages [start, end) as compile units (vllm_e3/models/stage.py),
+        # keyed by start layer; a plain dict attribute, not submodules: the
+        # layers stay registered (and loaded) once, under model.layers
+        self.e3_stages: dict[int, nn.Module] = {}
+        if self.e3.exits_active:
+            ranges = self.e3.stages(self.e3_num_layers)
+            self.e3_stages = dict(zip((a for a, _ in ranges),
+                                      build_stages(vllm_config, self.model.layers, ranges, prefix)))
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
@@ -127,8 +136,10 @@ class E3CausalLMMixin:
         model = self.model
         h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
-        for layer in model.layers:
-            h, residual = layer(positions, h, residual)
+        # every stage on all rows: the warm-up/profile run is each stage's
+        # first call, which compiles it at >= 2 rows with a dynamic count
+        for stage in self.e3_stages.values():
+            h, residual = stage(positions, h, residual)
         return model.norm(h, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -211,10 +222,8 @@ class E3CausalLMMixin:
                 if restricted:
                     view.restrict(act.rows, torch.unique_consecutive(layout.req_of_row[act.rows]))
                     restricted = False
-                h, residual = act.h, act.residual
-                for layer in model.layers[start:end]:
-                    h, residual = layer(act.positions, h, residual)
-                act.h, act.residual = h, residual
+                # compiled stage on the m >= 1 active rows: [m] positions, [m, d] states
+                act.h, act.residual = self.e3_stages[start](act.positions, act.h, act.residual)
                 n_dec = int(plan.decode[act.rows].sum())
                 stats.layers_run += n_dec * (end - start)
                 if n_dec:  # batch sizes a stage ran at, counted in decode tokens
