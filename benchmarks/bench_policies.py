@@ -103,10 +103,10 @@ def main() -> None:
         engines["full"] = LLM(model, model_impl="e3", **common,
                               additional_config={"e3": {"policy": "full", "exits": EXITS}})
     if {"sync", "token", "e3"} & set(policies):
-        # one engine serves sync, token and e3 through the test-only request keys
+        # one engine serves sync, token and e3 through the test-only request overrides (vllm_e3.knobs)
         engines["exits"] = LLM(model, model_impl="e3", **e3_common, additional_config={"e3": {
             "policy": "e3", "exits": EXITS, "target_batch": target,
-            "max_park_steps": args.max_park_steps}})
+            "max_park_steps": args.max_park_steps, "test_overrides": True}})
 
     cases = [("vanilla", "vanilla", None), ("vanilla-8L", "vanilla-8L", None),
              ("vanilla-15L", "vanilla-15L", None)]
@@ -121,7 +121,7 @@ def main() -> None:
         f"{pol}/{name}" for pol in ("sync", "token", "e3") if pol in policies for name in profiles]
     for case in wanted:
         pol, name = case.split("/")
-        cases.append((case, "exits", {"_e3_policy": pol, "_e3_force_exit": PROFILES[name]}))
+        cases.append((case, "exits", {"_e3_test": {"policy": pol, "force_exit": PROFILES[name]}}))
 
     for name, eng, extra in cases:  # warm-up: first-step costs out of the timings
         engines[eng].generate(prompts[:4], sp(extra), use_tqdm=False)

@@ -52,14 +52,27 @@ def check_e3_engine(engine_args):
 
 
 def check_against_model(e3cfg, vllm_config) -> None:
-    from vllm_e3.config import RAMPS_FILENAME, e3_dir
-    from vllm_e3.ramps import require_gates, validate_ramps
+    """The files a deployment trusts, against the served model: exit points,
+    ramp shapes and the ramps' base-model hash (vllm_e3.ramps.model_hash),
+    gates where confidence `gate` needs them, and a calibration table that
+    belongs to these ramps."""
+    from vllm_e3.config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_dir
+    from vllm_e3.knobs import CalibrationTable
+    from vllm_e3.ramps import read_ramps_header, require_gates, validate_ramps
 
     hf = vllm_config.model_config.hf_config
     e3cfg.validate_for_model(hf.num_hidden_layers)
-    ramps = os.path.join(e3_dir(vllm_config.model_config.model), RAMPS_FILENAME)
-    specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size) if os.path.exists(ramps) else {}
+    model_dir = vllm_config.model_config.model
+    ramps = os.path.join(e3_dir(model_dir), RAMPS_FILENAME)
+    has_ramps = os.path.exists(ramps)
+    specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size, model_dir) if has_ramps else {}
     require_gates(e3cfg, specs, ramps)
+    table = CalibrationTable.load(os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME))
+    if table is not None:
+        e3cfg.validate_for_model(hf.num_hidden_layers, table.exits, "the calibration table's")
+        table_specs = validate_ramps(ramps, table.exits, hf.hidden_size) if has_ramps else {}
+        table.check_against_ramps(ramps if has_ramps else None,
+                                  read_ramps_header(ramps)[0] if has_ramps else None, table_specs)
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise ValueError("--model-impl e3 does not support pipeline parallelism")
 
@@ -75,16 +88,16 @@ def _add_request_validator(engine_args) -> None:
         engine_args.logits_processors = [*procs, PROCESSOR_FQCN]
 
 
-def _prepare_frontend(vllm_config) -> None:
+def _prepare_frontend(e3cfg, vllm_config) -> None:
     """Front-end state of this engine: whether it has a calibration table
-    (for the knobs' errors) and where its worker publishes exit counters
-    (for /metrics)."""
+    and takes test overrides (for the knobs' errors), and where its worker
+    publishes exit counters (for /metrics)."""
     from vllm_e3.config import CALIBRATION_FILENAME, e3_dir
-    from vllm_e3.knobs import set_frontend_table
+    from vllm_e3.knobs import set_frontend
     from vllm_e3.metrics import prepare_frontend
 
     mc = vllm_config.model_config
-    set_frontend_table(os.path.join(e3_dir(mc.model), CALIBRATION_FILENAME))
+    set_frontend(e3cfg, os.path.join(e3_dir(mc.model), CALIBRATION_FILENAME))
     names = mc.served_model_name
     prepare_frontend(names if isinstance(names, str) else (names or [mc.model])[0])
 
@@ -206,7 +219,7 @@ def _make(orig):
         _add_request_validator(self)
         config = orig(self, *args, **kwargs)
         check_against_model(e3cfg, config)
-        _prepare_frontend(config)
+        _prepare_frontend(e3cfg, config)
         return config
 
     return wrapper

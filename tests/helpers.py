@@ -23,6 +23,13 @@ PROMPTS = [
 ]
 
 
+def overrides(**fields) -> dict:
+    """SamplingParams.extra_args carrying vllm-e3's test-only overrides
+    (policy, force_exit, kv_fill, park_when: vllm_e3.knobs); the engine must
+    be started with the E3 config key `test_overrides: true`."""
+    return {"_e3_test": fields}
+
+
 def free_engine(llm) -> None:
     """Shut an engine down so the next one in the process gets the memory."""
     try:

@@ -5,7 +5,7 @@ engine has 32 runner slots and admits 16 requests (`max_num_active_seqs`);
 the E3 scheduler admits beyond 16 while requests are parked."""
 import pytest
 
-from helpers import PROMPTS, free_engine
+from helpers import PROMPTS, free_engine, overrides
 
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
@@ -21,7 +21,7 @@ def _params(i, policy, extra=None):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=8 + (i * 7) % 29, ignore_eos=True,
-                          extra_args={"_e3_policy": policy, "_e3_force_exit": MIDDLE, **(extra or {})})
+                          extra_args=overrides(policy=policy, force_exit=MIDDLE, **(extra or {})))
 
 
 def _run_staggered(llm, prompts, policy, abort=()):
@@ -52,7 +52,7 @@ def llm(model_dir):
     engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=32,
                  max_num_active_seqs=ACTIVE, seed=0, additional_config={"e3": {
                      "policy": "e3", "exits": EXITS, "target_batch": 12, "max_park_steps": MAX_PARK,
-                     "park_when": "always"}})
+                     "park_when": "always", "test_overrides": True}})
     yield engine
     free_engine(engine)
 
@@ -95,7 +95,7 @@ def test_park_when_refill(llm):
     slots are free: never for a batch the engine admits whole, and for a
     queue longer than the admission cap until it has drained; tokens as
     token's."""
-    refill = {"_e3_park_when": "refill"}
+    refill = {"park_when": "refill"}
     for n in (ACTIVE // 2, 3 * ACTIVE):
         prompts = _prompts(n)
         want = llm.generate(prompts, [_params(i, "token") for i in range(n)], use_tqdm=False)
@@ -122,7 +122,8 @@ def test_preemption_under_a_small_kv_cache(model_dir):
                  seed=0, num_gpu_blocks_override=12, block_size=32, max_model_len=256,
                  disable_log_stats=False,
                  additional_config={"e3": {"policy": "e3", "exits": EXITS, "target_batch": 8,
-                                           "max_park_steps": MAX_PARK, "park_when": "always"}})
+                                           "max_park_steps": MAX_PARK, "park_when": "always",
+                                           "test_overrides": True}})
     try:
         prompts = _prompts(16)
         engine.collective_rpc("e3_reset_exit_stats")

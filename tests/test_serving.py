@@ -25,6 +25,7 @@ import urllib.request
 
 import pytest
 
+from helpers import overrides
 from servers import planted_model_dir, process_tree_rss, vllm_server
 
 MIDDLE = {"8": 0.3, "15": 0.357, "22": 0.444}
@@ -77,7 +78,7 @@ def offline(planted):
     from helpers import free_engine
 
     llm = LLM(planted, model_impl="e3", dtype="float32", enforce_eager=True, max_model_len=1024,
-              max_num_seqs=64)
+              max_num_seqs=64, additional_config={"e3": {"test_overrides": True}})
     yield llm
     free_engine(llm)
 
@@ -125,9 +126,9 @@ KNOB_PROMPTS = ["def fibonacci(n):", "The three primary colors are", "Once upon 
 def test_knobs_pick_the_calibrated_thresholds(knobs_server, offline):
     """Each knob value gives exactly the tokens of the exits its table row
     names; off, 1.0 and the engine default give the full model."""
-    full = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_policy": "full"})
-    at15 = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_force_exit": {15: 1.0}})
-    at22 = offline_texts(offline, KNOB_PROMPTS, 8, {"_e3_force_exit": {22: 1.0}})
+    full = offline_texts(offline, KNOB_PROMPTS, 8, overrides(policy="full"))
+    at15 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(force_exit={15: 1.0}))
+    at22 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(force_exit={22: 1.0}))
     assert at15 != full and at22 != full and at15 != at22   # the cases differ, so the test can fail
     cases = [({}, full), ({"e3_enabled": 0}, full), ({"e3_enabled": False}, full), ({"e3_enabled": 1}, full),
              ({"e3_target_agreement": 0.9}, at15), ({"e3_target_agreement": 0.5}, at15),
@@ -247,7 +248,7 @@ def test_load_500_streaming_requests(load_server, offline):
     server's memory is flat."""
     url, proc = load_server
     want = dict(zip(LOAD_PROMPTS, offline_texts(offline, LOAD_PROMPTS, LOAD_TOKENS,
-                                                {"_e3_policy": "token", "_e3_force_exit": MIDDLE})))
+                                                overrides(policy="token", force_exit=MIDDLE))))
     warm = asyncio.run(_stream_all(url, LOAD_PROMPTS[:64] + LOAD_PROMPTS[:14], 64))
     assert [w for w in warm if isinstance(w, Exception)] == []
     rss_warm = process_tree_rss(proc.pid)

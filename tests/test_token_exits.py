@@ -1,11 +1,11 @@
 """Per-token exits (policies `token` and `sync`) inside vLLM against a plain
 PyTorch reference of the same semantics, in float32 so numerics can neither
 mask nor fake a difference. One E3 engine serves every case through the
-test-only per-request keys of vllm_e3.step."""
+test-only per-request overrides (vllm_e3.knobs)."""
 import pytest
 import torch
 
-from helpers import PROMPTS, free_engine
+from helpers import PROMPTS, free_engine, overrides
 
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
@@ -29,26 +29,26 @@ def runs(model_dir):
     out = {"vanilla": _gen(vanilla, PROMPTS)}
     free_engine(vanilla)
     llm = LLM(model_dir, model_impl="e3", **common,
-              additional_config={"e3": {"policy": "token", "exits": EXITS}})
+              additional_config={"e3": {"policy": "token", "exits": EXITS, "test_overrides": True}})
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
     out["eos"] = tok.eos_token_id
     llm.collective_rpc("e3_reset_exit_stats")
-    out["middle"] = _gen(llm, PROMPTS, {"_e3_force_exit": MIDDLE})
+    out["middle"] = _gen(llm, PROMPTS, overrides(force_exit=MIDDLE))
     out["middle_stats"] = llm.collective_rpc("e3_exit_stats")[0]
-    out["middle_nofill"] = _gen(llm, PROMPTS, {"_e3_force_exit": MIDDLE, "_e3_kv_fill": False})
-    out["zero"] = _gen(llm, PROMPTS, {"_e3_force_exit": {8: 0.0, 15: 0.0, 22: 0.0}})
-    out["one15"] = _gen(llm, PROMPTS, {"_e3_force_exit": {15: 1.0}})
+    out["middle_nofill"] = _gen(llm, PROMPTS, overrides(force_exit=MIDDLE, kv_fill=False))
+    out["zero"] = _gen(llm, PROMPTS, overrides(force_exit={8: 0.0, 15: 0.0, 22: 0.0}))
+    out["one15"] = _gen(llm, PROMPTS, overrides(force_exit={15: 1.0}))
     # sync: a batch stops at an exit only if every row exits there. Alone in
     # its batch, a request follows the per-token semantics exactly.
-    out["sync_alone"] = [_gen(llm, [p], {"_e3_policy": "sync", "_e3_force_exit": MIDDLE})[0]
+    out["sync_alone"] = [_gen(llm, [p], overrides(policy="sync", force_exit=MIDDLE))[0]
                          for p in PROMPTS[:4]]
-    out["sync_one8"] = [_gen(llm, [p], {"_e3_policy": "sync", "_e3_force_exit": {8: 1.0}})[0]
+    out["sync_one8"] = [_gen(llm, [p], overrides(policy="sync", force_exit={8: 1.0}))[0]
                         for p in PROMPTS[4:6]]
     # In a batch, a step with prompt rows (LLM.generate feeds the engine while
     # it runs) or a staying row exits nobody: fewer tokens differ from vanilla
     # than under `token`.
-    out["sync_batch"] = _gen(llm, PROMPTS, {"_e3_policy": "sync", "_e3_force_exit": MIDDLE})
+    out["sync_batch"] = _gen(llm, PROMPTS, overrides(policy="sync", force_exit=MIDDLE))
     free_engine(llm)
     return out
 

@@ -55,7 +55,7 @@ import torch
 
 from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME,
                      E3Config, E3ConfigError, e3_dir)
-from .ramps import Ramp, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
+from .ramps import Ramp, check_base_model, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
 from .train import (Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_prompts, captured_cached,
                     chat_token_ids, load_base, ramp_eval)
 
@@ -649,10 +649,8 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     mc = model.config
     L = mc.num_hidden_layers
     ramps, meta = load_ramps(path, mc.hidden_size, mc.rms_norm_eps)
+    check_base_model(path, meta, model_dir)
     base_hash = model_hash(model_dir)
-    if meta.get("base_model_hash") != base_hash:
-        raise E3ConfigError(f"{path} was trained for base model {meta.get('base_model_hash', '?')[:12]}, "
-                            f"but {model_dir} hashes to {base_hash[:12]}: retrain it")
     prompts = heldout_prompts(n_humaneval, builtin)
     tok = AutoTokenizer.from_pretrained(model_dir)
     pids = chat_token_ids(tok, prompts)

@@ -68,6 +68,11 @@ class E3Config:
     # costs on this machine and keep the exits, policy (no stronger than
     # `policy`) and target batch that pay for the engine's batch and slots.
     plan: bool = False
+    # TESTS AND BENCHMARKS ONLY. Accept the per-request test overrides
+    # (`SamplingParams.extra_args["_e3_test"]`, vllm_e3.knobs): a synthetic
+    # exit profile, another policy, no KV fill. Off, every `_e3*` key is
+    # refused at admission; on or off, HTTP clients cannot send them.
+    test_overrides: bool = False
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -127,8 +132,9 @@ class E3Config:
         mps = kw.get("max_park_steps", 4)
         if isinstance(mps, bool) or not isinstance(mps, int) or mps < 0:
             raise E3ConfigError(f"{source}: 'max_park_steps' must be a non-negative integer, got {mps!r}")
-        if not isinstance(kw.get("plan", False), bool):
-            raise E3ConfigError(f"{source}: 'plan' must be true or false, got {kw['plan']!r}")
+        for flag in ("plan", "test_overrides"):
+            if not isinstance(kw.get(flag, False), bool):
+                raise E3ConfigError(f"{source}: {flag!r} must be true or false, got {kw[flag]!r}")
         if kw.get("plan") and policy not in ("full", "token", "e3"):
             raise E3ConfigError(f"{source}: 'plan' chooses among policies full, token and e3; "
                                 f"policy {policy!r} is not modelled")
@@ -149,11 +155,11 @@ class E3Config:
         return d
 
     # ---- checks against the model --------------------------------------
-    def validate_for_model(self, num_layers: int) -> None:
-        for e in self.exits:
+    def validate_for_model(self, num_layers: int, exits=None, whose: str = "") -> None:
+        for e in self.exits if exits is None else exits:
             if not 1 <= e <= num_layers - 1:
                 raise E3ConfigError(
-                    f"exit point {e} is out of range: the model has {num_layers} decoder "
+                    f"{whose + ' ' if whose else ''}exit point {e} is out of range: the model has {num_layers} decoder "
                     f"layers, so exit points must lie in [1, {num_layers - 1}]"
                 )
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .knobs import parse_knobs
+from .knobs import FULL_RULES
 
 _U64 = float(2**64)
 
@@ -59,13 +59,20 @@ class RowLayout:
     decode_row: torch.Tensor       # [num_rows] bool: may exit
 
     @classmethod
-    def from_metadata(cls, md) -> "RowLayout":
+    def from_metadata(cls, md, positions: torch.Tensor, prompt_lens: torch.Tensor | None) -> "RowLayout":
+        """`positions` [>= num_rows]; `prompt_lens` [R] (None: no row is a
+        decode row). A decode row is its request's only row of the step and
+        lies past the prompt: a 1-token chunk of a chunked prefill and the
+        recomputed last token of a fully cached prompt are prompt positions,
+        which run every layer."""
         qsl = md.query_start_loc
         qlen = (qsl[1:] - qsl[:-1]).long()
         n = int(md.num_actual_tokens)
         req_of_row = torch.repeat_interleave(torch.arange(qlen.numel()), qlen)[:n]
-        decode_req = (qlen == 1) & (md.seq_lens.long() > 1)
-        return cls(n, qsl, req_of_row, decode_req[req_of_row])
+        if prompt_lens is None or prompt_lens.numel() < qlen.numel():
+            return cls(n, qsl, req_of_row, torch.zeros(n, dtype=torch.bool))
+        past_prompt = positions[:n].long() >= prompt_lens[:qlen.numel()][req_of_row]
+        return cls(n, qsl, req_of_row, (qlen == 1)[req_of_row] & past_prompt)
 
 
 def _cpu_scheduler_metadata(md, layer, query_start_loc, seq_lens):
@@ -239,39 +246,12 @@ class ExitPlan:
     decode: torch.Tensor                   # [N] bool: decode row (padding rows False)
 
     @classmethod
-    def build(cls, cfg, layout: "RowLayout", n_rows: int, step, table=None) -> "ExitPlan":
-        """`table`: the model's calibration table (vllm_e3.knobs), read for
-        requests that set `e3_target_agreement`."""
-
+    def build(cls, cfg, layout: "RowLayout", n_rows: int, step) -> "ExitPlan":
+        """From each request's rules, resolved at admission (`step.rules`,
+        vllm_e3.knobs.RequestRules). No step context: nothing exits."""
         num_reqs = layout.query_start_loc.numel() - 1
-        policy = [cfg.policy] * num_reqs
-        force = [cfg.force_exit] * num_reqs
-        fill = [True] * num_reqs
-        park_when = [cfg.park_when] * num_reqs
-        default_thr = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
-        thr = [default_thr] * num_reqs
-        if step is not None and step.has_extras() and len(step.extra_args) >= num_reqs:
-            for j, extra in enumerate(step.extra_args[:num_reqs]):
-                if not extra:
-                    continue
-                try:
-                    knobs = parse_knobs(extra)
-                except ValueError:        # the front end rejects these; never exit on doubt
-                    policy[j] = "full"
-                    continue
-                if not knobs.enabled:
-                    policy[j] = "full"
-                elif knobs.target is not None:
-                    t = table.thresholds_for(knobs.target, cfg.exits, cfg.confidence) if table else None
-                    if t is None:
-                        policy[j] = "full"
-                    else:
-                        thr[j] = t
-                policy[j] = extra.get("_e3_policy", policy[j])
-                if "_e3_force_exit" in extra:
-                    force[j] = {int(k): float(v) for k, v in extra["_e3_force_exit"].items()}
-                fill[j] = bool(extra.get("_e3_kv_fill", True))
-                park_when[j] = extra.get("_e3_park_when", park_when[j])
+        rules = step.rules[:num_reqs] if step is not None and len(step.rules) >= num_reqs else None
+        rules = rules or [FULL_RULES] * num_reqs
         pad = n_rows - layout.num_rows
         req = layout.req_of_row
 
@@ -279,20 +259,20 @@ class ExitPlan:
             t = torch.tensor(values, dtype=dtype)[req]
             return torch.cat([t, torch.full((pad,), pad_value, dtype=dtype)]) if pad else t
 
-        may_exit = per_row([p != "full" for p in policy], torch.bool, False)
+        may_exit = per_row([r.policy != "full" for r in rules], torch.bool, False)
         decode = torch.cat([layout.decode_row, torch.zeros(pad, dtype=torch.bool)]) if pad else layout.decode_row
         rate, threshold = {}, {}
-        inf = float("inf")
+        inf, nan = float("inf"), float("nan")
         for e in cfg.exits:
-            rate[e] = per_row([f.get(e, float("nan")) for f in force], torch.float32, float("nan"))
-            threshold[e] = per_row([t.get(e, inf) for t in thr], torch.float32, inf)
-        sync = num_reqs > 0 and all(p == "sync" for p in policy)
+            rate[e] = per_row([r.force_exit.get(e, nan) for r in rules], torch.float32, nan)
+            threshold[e] = per_row([r.thresholds.get(e, inf) for r in rules], torch.float32, inf)
+        sync = num_reqs > 0 and all(r.policy == "sync" for r in rules)
         # parking needs the E3 runner (step context) to reschedule the request,
         # and under park_when "refill" a scheduler that can admit in its place
-        may_park = per_row([p == "e3" and step is not None and (w == "always" or step.refill)
-                            for p, w in zip(policy, park_when)], torch.bool, False) & decode
-        return cls(may_exit & decode, sync, rate, threshold, per_row(fill, torch.bool, True), may_park,
-                   decode)
+        may_park = per_row([r.policy == "e3" and step is not None and (r.park_when == "always" or step.refill)
+                            for r in rules], torch.bool, False) & decode
+        return cls(may_exit & decode, sync, rate, threshold, per_row([r.kv_fill for r in rules], torch.bool, True),
+                   may_park, decode)
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Per-request quality knobs, in vLLM's own way: `vllm_xargs` in an OpenAI
-request (`extra_body={"vllm_xargs": {...}}`) or `SamplingParams.extra_args`
-offline.
+"""Per-request rules: the user's quality knobs, the engine's test-only
+overrides, and their resolution into one `RequestRules` per request.
+
+Knobs (the API), in vLLM's own way: `vllm_xargs` in an OpenAI request
+(`extra_body={"vllm_xargs": {...}}`) or `SamplingParams.extra_args` offline.
 
 - `e3_enabled`: true/false, also 1/0 (`vllm_xargs` turns JSON booleans into
   integers). Off: this request runs the full model, whatever the engine's
@@ -11,26 +13,40 @@ offline.
   whose exits this engine runs and whose confidence measure it scores; no such
   row (e.g. 1.0): the full model, which agrees with itself.
 
+Test overrides (not an API): one key, `_e3_test`, whose value is an object
+`{"policy": ..., "force_exit": {exit: rate}, "kv_fill": bool, "park_when": ...}`.
+They let one engine serve many test and benchmark cases (an engine takes
+~25 s to start). They are accepted only by an engine started with the E3
+config key `test_overrides: true`, and only offline: `vllm_xargs` cannot
+carry an object, so over HTTP every `_e3*` key is refused, switch or not.
+Any other key that starts with `_e3` is refused too.
+
 Validation happens in the front end, before the request reaches the engine:
 `E3RequestParams.validate_params` is the `validate_params` hook of a vLLM
 logits processor that `--model-impl e3` adds to the engine
-(patches/patch_arg_utils.py). vLLM turns its `ValueError` into HTTP 400; the
-processor itself never changes logits. Keys that start with `_e3_` are the
-test-only overrides of `vllm_e3.step`, not knobs.
+(patches/patch_arg_utils.py). vLLM turns its `ValueError` into HTTP 400 (and
+raises it from `LLM.generate` offline); the processor never changes logits.
+Resolution happens once per request, when the worker admits it
+(`vllm_e3.worker`, `resolve_rules`): the stage loop reads the result.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
+from .config import CONFIDENCE_MEASURES, POLICIES, E3ConfigError
+
 KNOBS = ("e3_enabled", "e3_target_agreement")
+TEST_KEY = "_e3_test"
+TEST_FIELDS = ("policy", "force_exit", "kv_fill", "park_when")
+PARK_WHEN = ("refill", "always")
 PROCESSOR_FQCN = "vllm_e3.knobs:E3RequestParams"
 
 
@@ -40,24 +56,137 @@ class Knobs:
     target: float | None = None
 
 
+@dataclass(frozen=True)
+class TestOverrides:
+    """`extra_args["_e3_test"]`, validated. None: the engine's setting."""
+    policy: str | None = None
+    force_exit: dict[int, float] | None = None    # exit point -> rate in [0, 1]
+    kv_fill: bool = True                          # False: leave holes (tests show they matter)
+    park_when: str | None = None
+
+
+def _bad(name: str, want: str, got: Any) -> ValueError:
+    shown = repr(got)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ValueError(f"vllm_xargs field {name!r} must be {want}, got {shown}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def parse_knobs(extra: dict[str, Any] | None) -> Knobs:
     """The request's knobs; ValueError naming the field on bad input."""
     if not extra:
         return Knobs()
-    unknown = sorted(k for k in extra if k.startswith("e3_") and k not in KNOBS)
+    unknown = sorted(k for k in extra if isinstance(k, str) and k.startswith("e3_") and k not in KNOBS)
     if unknown:
-        raise ValueError(f"unknown vllm_xargs field(s) {unknown}; vllm-e3 knows {list(KNOBS)}")
+        raise ValueError(f"unknown vllm_xargs field(s) {unknown[:5]}; vllm-e3 knows {list(KNOBS)}")
     enabled = extra.get("e3_enabled", True)
-    if enabled not in (True, False, 0, 1) or isinstance(enabled, float):
-        raise ValueError(f"vllm_xargs field 'e3_enabled' must be true/false or 1/0, got {enabled!r}")
+    if not (isinstance(enabled, bool) or (type(enabled) is int and enabled in (0, 1))):
+        raise _bad("e3_enabled", "true/false or 1/0", enabled)
     target = extra.get("e3_target_agreement")
     if target is not None:
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not (
-                math.isfinite(target) and 0.0 < target <= 1.0):
-            raise ValueError(
-                f"vllm_xargs field 'e3_target_agreement' must be a number in (0, 1], got {target!r}")
+        if not _is_number(target) or not 0.0 < target <= 1.0:
+            raise _bad("e3_target_agreement", "a number in (0, 1]", target)
         target = float(target)
     return Knobs(bool(enabled), target)
+
+
+def parse_test_overrides(extra: dict[str, Any] | None, *, allowed: bool,
+                         exits: tuple[int, ...] | None = None) -> TestOverrides | None:
+    """The request's test overrides, or None. ValueError naming the key when
+    any `_e3*` key is present on an engine without `test_overrides`, or when
+    the object or a field of it is malformed; `exits` (when known) bounds
+    `force_exit`'s keys."""
+    if not extra:
+        return None
+    keys = sorted(k for k in extra if isinstance(k, str) and k.startswith("_e3"))
+    if not keys:
+        return None
+    if not allowed:
+        raise ValueError(
+            f"vllm_xargs field {keys[0]!r} is a vllm-e3 test-only override and this engine refuses it "
+            f"(it was not started with the E3 config key 'test_overrides': true, which is for tests only)")
+    other = [k for k in keys if k != TEST_KEY]
+    if other:
+        raise ValueError(f"unknown vllm-e3 test override key {other[0]!r}: test overrides go in "
+                         f"SamplingParams.extra_args[{TEST_KEY!r}] = {{{', '.join(TEST_FIELDS)}}}")
+    raw = extra[TEST_KEY]
+    if not isinstance(raw, dict):
+        raise _bad(TEST_KEY, "an object (offline SamplingParams.extra_args only; vllm_xargs cannot carry one)",
+                   raw)
+    unknown = sorted(str(k) for k in raw if k not in TEST_FIELDS)
+    if unknown:
+        raise ValueError(f"{TEST_KEY}: unknown field(s) {unknown[:5]}; known: {list(TEST_FIELDS)}")
+    policy = raw.get("policy")
+    if policy is not None and policy not in POLICIES:
+        raise _bad(f"{TEST_KEY}.policy", f"one of {list(POLICIES)}", policy)
+    park_when = raw.get("park_when")
+    if park_when is not None and park_when not in PARK_WHEN:
+        raise _bad(f"{TEST_KEY}.park_when", f"one of {list(PARK_WHEN)}", park_when)
+    kv_fill = raw.get("kv_fill", True)
+    if not isinstance(kv_fill, bool):
+        raise _bad(f"{TEST_KEY}.kv_fill", "true or false", kv_fill)
+    force = raw.get("force_exit")
+    if force is not None:
+        if not isinstance(force, dict):
+            raise _bad(f"{TEST_KEY}.force_exit", "an object {exit point: rate}", force)
+        parsed = {}
+        for k, rate in force.items():
+            try:
+                e = int(k)
+            except (TypeError, ValueError):
+                raise _bad(f"{TEST_KEY}.force_exit", "keyed by exit points", k) from None
+            if exits is not None and e not in exits:
+                raise _bad(f"{TEST_KEY}.force_exit", f"keyed by this engine's exit points {list(exits)}", k)
+            if not _is_number(rate) or not 0.0 <= rate <= 1.0:
+                raise _bad(f"{TEST_KEY}.force_exit[{e}]", "a rate in [0, 1]", rate)
+            parsed[e] = float(rate)
+        force = dict(sorted(parsed.items()))
+    return TestOverrides(policy, force, kv_fill, park_when)
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    """How one request may exit, resolved once when the worker admits it."""
+    policy: str                                   # "full": never exits
+    thresholds: dict[int, float] = field(default_factory=dict)   # exit -> threshold (exits that fire)
+    force_exit: dict[int, float] = field(default_factory=dict)   # exit -> synthetic rate
+    kv_fill: bool = True
+    park_when: str = "refill"
+
+
+FULL_RULES = RequestRules("full")
+
+
+def resolve_rules(cfg, table: "CalibrationTable | None", extra: dict[str, Any] | None) -> RequestRules:
+    """The rules of a request under the engine's E3 config `cfg` (after any
+    start-up plan) and calibration `table`. Input the front end refused never
+    gets here; should it, the request runs the full model (never exit on
+    doubt)."""
+    thresholds = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
+    rules = RequestRules(cfg.policy, thresholds, dict(cfg.force_exit), True, cfg.park_when)
+    if not extra:
+        return rules
+    try:
+        knobs = parse_knobs(extra)
+        test = parse_test_overrides(extra, allowed=cfg.test_overrides)
+    except ValueError:
+        return FULL_RULES
+    if not knobs.enabled:
+        rules = FULL_RULES
+    elif knobs.target is not None:
+        t = table.thresholds_for(knobs.target, cfg.exits, cfg.confidence) if table else None
+        rules = FULL_RULES if t is None else RequestRules(cfg.policy, t, rules.force_exit, True, cfg.park_when)
+    if test is not None:
+        rules = RequestRules(test.policy or rules.policy,
+                             rules.thresholds,
+                             rules.force_exit if test.force_exit is None else test.force_exit,
+                             test.kv_fill,
+                             test.park_when or rules.park_when)
+    return rules
 
 
 @dataclass(frozen=True)
@@ -76,19 +205,57 @@ class CalibrationTable:
 
     @classmethod
     def load(cls, path: str) -> "CalibrationTable | None":
+        """The table of `path`, None if there is no such file; E3ConfigError
+        naming the file when it is not a calibration table."""
         if not os.path.isfile(path):
             return None
-        raw = json.load(open(path))
-        exits = raw["exits"]
-        rows = []
-        for r in raw["table"]:
-            chosen = r.get("chosen") or {}
-            if r.get("policy") == "full" or not chosen:
-                rows.append(TableRow(float(r["target_agreement"]), None, {}))
-                continue
-            thr = {e: float(t) for e, t in zip(exits, chosen["thresholds"]) if t is not None}
-            rows.append(TableRow(float(r["target_agreement"]), chosen["measure"], thr))
-        return cls(rows, path)
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            exits = [int(e) for e in raw["exits"]]
+            rows = []
+            for r in raw["table"]:
+                chosen = r.get("chosen") or {}
+                if r.get("policy") == "full" or not chosen:
+                    rows.append(TableRow(float(r["target_agreement"]), None, {}))
+                    continue
+                if len(chosen["thresholds"]) != len(exits):
+                    raise ValueError(f"a row has {len(chosen['thresholds'])} thresholds for {len(exits)} exits")
+                thr = {e: float(t) for e, t in zip(exits, chosen["thresholds"]) if t is not None}
+                rows.append(TableRow(float(r["target_agreement"]), chosen["measure"], thr))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise E3ConfigError(f"cannot read calibration table {path}: {type(exc).__name__}: {exc}") from exc
+        table = cls(rows, path)
+        table.exits, table.ramps_data_hash = tuple(exits), raw.get("ramps_data_hash")
+        return table
+
+    def check_against_ramps(self, ramps_path: str | None, ramps_meta: dict | None, specs: dict) -> None:
+        """Refuse a table made for other ramps: an exit the ramps file does
+        not hold, a measure vllm-e3 does not know, `gate` rows at exits
+        without a gate, or a recorded ramps data hash that differs.
+        `specs`: vllm_e3.ramps.validate_ramps over the table's exits ({}
+        without a ramps file: identity ramps, which have no gates)."""
+        where = f"calibration table {self.source}"
+        if ramps_meta is not None:
+            have = set(json.loads(ramps_meta.get("exits", "[]")))
+            missing = sorted(set(self.exits) - have)
+            if missing:
+                raise E3ConfigError(f"{where} names exits {missing} that the ramps file {ramps_path} does "
+                                    f"not have (it has {sorted(have)}): recalibrate with `vllm-e3 calibrate`")
+            want = ramps_meta.get("data_hash")
+            if self.ramps_data_hash and want and self.ramps_data_hash != want:
+                raise E3ConfigError(f"{where} was made for other ramps (data hash {self.ramps_data_hash[:12]}, "
+                                    f"the ramps file {ramps_path} has {want[:12]}): recalibrate")
+        for row in self.rows:
+            if row.measure is not None and row.measure not in CONFIDENCE_MEASURES:
+                raise E3ConfigError(f"{where}: row for target {row.target} uses confidence measure "
+                                    f"{row.measure!r}; vllm-e3 knows {list(CONFIDENCE_MEASURES)}")
+            if row.measure == "gate":
+                gateless = sorted(e for e in row.thresholds if not (e in specs and specs[e].has_gate))
+                if gateless:
+                    raise E3ConfigError(f"{where}: row for target {row.target} scores confidence 'gate' "
+                                        f"at exits {gateless}, where {ramps_path or 'the identity ramps'} "
+                                        f"have no gate")
 
     def thresholds_for(self, target: float, exits: tuple[int, ...], measure: str) -> dict[int, float] | None:
         """Thresholds (exit -> threshold) for a request asking for `target`,
@@ -108,12 +275,20 @@ class CalibrationTable:
 # Front-end state for `validate_params` (a classmethod: vLLM gives it no
 # engine). Set by the create_engine_config wrapper for each `--model-impl e3`
 # engine; one API server process serves one engine.
-_frontend_has_table: bool | None = None
+@dataclass
+class FrontendState:
+    has_table: bool = False                 # the model has e3/calibration.json
+    test_overrides: bool = False            # E3Config.test_overrides
+    exits: tuple[int, ...] | None = None    # the configured exit points
 
 
-def set_frontend_table(path: str | None) -> None:
-    global _frontend_has_table
-    _frontend_has_table = path is not None and os.path.isfile(path)
+_frontend: FrontendState | None = None
+
+
+def set_frontend(cfg, calibration_path: str | None) -> None:
+    global _frontend
+    _frontend = FrontendState(calibration_path is not None and os.path.isfile(calibration_path),
+                              cfg.test_overrides, tuple(cfg.exits))
 
 
 class E3RequestParams(LogitsProcessor):
@@ -122,8 +297,11 @@ class E3RequestParams(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        knobs = parse_knobs(sampling_params.extra_args)
-        if knobs.target is not None and _frontend_has_table is False:
+        extra = sampling_params.extra_args
+        state = _frontend or FrontendState()
+        knobs = parse_knobs(extra)
+        parse_test_overrides(extra, allowed=state.test_overrides, exits=state.exits)
+        if knobs.target is not None and _frontend is not None and not state.has_table:
             raise ValueError(
                 "vllm_xargs field 'e3_target_agreement' needs a calibration table, and this model has "
                 "none (run `vllm-e3 calibrate MODEL_DIR` to write e3/calibration.json)")

@@ -60,7 +60,11 @@ class StatsPublisher:
         if snap is None or snap == self._last:
             return
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        # 0600 whatever the umask: the counters are this server's business
+        # (the directory is 0700 too, from mkdtemp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(snap, f)
         os.replace(tmp, self.path)
         self._last = snap

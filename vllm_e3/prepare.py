@@ -207,20 +207,19 @@ def check_artifact(model_dir: str, src: str | None = None) -> str:
     """The shipped artifact folder, once its ramps' base-model hash is that
     of the weights in `model_dir` (`vllm_e3.ramps.model_hash`)."""
     from .config import RAMPS_FILENAME, E3ConfigError
-    from .ramps import model_hash, read_ramps_header
+    from .ramps import check_base_model, read_ramps_header
 
     src = src or artifact_dir()
     missing = [n for n in _e3_files() if not os.path.isfile(os.path.join(src, n))]
     if missing:
         raise E3ConfigError(f"the shipped e3 artifact {src} lacks {missing}: `make ramps` makes it")
     ramps = os.path.join(src, RAMPS_FILENAME)
-    want, got = read_ramps_header(ramps)[0].get("base_model_hash", "?"), model_hash(model_dir)
-    if want != got:
-        raise E3ConfigError(
-            f"the shipped ramps {ramps} were trained for base model {want[:12]}, but the weights in "
-            f"{model_dir} (config.json + *.safetensors) hash to {got[:12]}: rebuild them with "
-            f"`vllm-e3 prepare --force`, retrain the ramps for these weights with `make ramps`, or "
-            f"serve without ramps (`vllm-e3 prepare --no-e3`)")
+    try:
+        check_base_model(ramps, read_ramps_header(ramps)[0], model_dir)
+    except E3ConfigError as exc:
+        raise E3ConfigError(f"{exc}. For the embedded model: rebuild it with `vllm-e3 prepare --force`, "
+                            f"retrain with `make ramps`, or serve without ramps (`vllm-e3 prepare --no-e3`)"
+                            ) from None
     return src
 
 

@@ -50,19 +50,49 @@ def ramp_key(e: int, part: str) -> str:
     return f"exits.{e}.{part}"
 
 
+HASH_SCHEME = "e3h2"
+_SAMPLES, _SAMPLE_BYTES = 16, 4096
+
+
 def model_hash(model_dir: str) -> str:
-    """sha256 over the base model's config.json and weight files (not e3/)."""
+    """Identity of the base model a ramps file was trained for, in O(1) of
+    the model's size (start-up must not read 14 GB for a 7B model):
+    "e3h2:" + sha256 over
+    - config.json, byte for byte;
+    - for each `*.safetensors` file (by name): its name, its header (the
+      8-byte length and the JSON table of every tensor's name, dtype, shape
+      and offsets), and 16 chunks of 4 KiB of tensor data at evenly spaced
+      offsets -- so a re-quantised or fine-tuned copy with the same layout
+      hashes differently too, with overwhelming likelihood.
+    The e3/ folder is not hashed."""
     h = hashlib.sha256()
-    names = sorted(
-        n for n in os.listdir(model_dir)
-        if n == "config.json" or n.endswith(".safetensors")
-    )
-    for name in names:
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        h.update(f.read())
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors")):
         h.update(name.encode())
         with open(os.path.join(model_dir, name), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(n))
+            start = 8 + n
+            size = max(0, os.fstat(f.fileno()).st_size - start)
+            for i in range(_SAMPLES):
+                f.seek(start + (size - _SAMPLE_BYTES) * i // (_SAMPLES - 1) if size > _SAMPLE_BYTES else start)
+                h.update(f.read(_SAMPLE_BYTES))
+    return f"{HASH_SCHEME}:{h.hexdigest()}"
+
+
+def check_base_model(path: str, meta: dict[str, str], model_dir: str) -> None:
+    """Refuse ramps trained for other weights than those in `model_dir`."""
+    want, got = meta.get("base_model_hash", ""), model_hash(model_dir)
+    if want != got:
+        why = ("it was hashed by an older vllm-e3 (full-weight sha256, no scheme prefix)"
+               if want and ":" not in want else f"it was trained for base model {want[:20] or '?'}")
+        raise E3ConfigError(
+            f"ramps file {path} does not belong to the weights in {model_dir}: {why}, and these weights "
+            f"(config.json + safetensors headers and sampled data, vllm_e3.ramps.model_hash) hash to "
+            f"{got[:20]}. Retrain the ramps for these weights (`vllm-e3 train`), or remove the file "
+            f"to serve identity ramps")
 
 
 def read_ramps_header(path: str) -> tuple[dict[str, str], dict[str, list[int]]]:
@@ -78,8 +108,9 @@ def read_ramps_header(path: str) -> tuple[dict[str, str], dict[str, list[int]]]:
     return meta, shapes
 
 
-def validate_ramps(path: str, exits, hidden_size: int) -> dict[int, RampSpec]:
-    """Check every ramp tensor's shape against the model; returns per-exit specs."""
+def validate_ramps(path: str, exits, hidden_size: int, model_dir: str | None = None) -> dict[int, RampSpec]:
+    """Check every ramp tensor's shape against the model (and, given
+    `model_dir`, the base-model hash); returns per-exit specs."""
     meta, shapes = read_ramps_header(path)
     fmt = meta.get("format")
     if fmt != RAMPS_FORMAT:
@@ -115,6 +146,8 @@ def validate_ramps(path: str, exits, hidden_size: int) -> dict[int, RampSpec]:
                     f"expected {shape} for a model with hidden size {d}"
                 )
         specs[e] = RampSpec(e, rank, bool(adapter), has_gate)
+    if model_dir is not None:
+        check_base_model(path, meta, model_dir)
     return specs
 
 

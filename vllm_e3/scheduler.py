@@ -25,16 +25,28 @@ own SchedulerOutput, read by vllm_e3.worker): whether requests are waiting
 and runner slots are free. Under `park_when: refill` (the default) the model
 parks only then: with nothing to admit, parking only moves a small batch
 from a later stage to the first.
+
+Prefix caching. When tokens can exit, only prompt blocks are shared between
+requests (patches/patch_kv_cache.py: an exited token's filled K/V is not the
+full model's). Policy e3 turns prefix caching off altogether
+(patches/patch_arg_utils.py).
 """
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
+from .config import e3_config_from_vllm
+from .patches.patch_kv_cache import cache_prompt_blocks_only
+
 
 class E3Scheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if e3_config_from_vllm(self.vllm_config).exits_active:
+            # an exited token's filled K/V is not the full model's: share
+            # prompt blocks only (patches/patch_kv_cache.py)
+            cache_prompt_blocks_only(self)
         self.e3_active_cap = self.max_num_active_reqs   # unparked running requests
         self.e3_parked_ids: set[str] = set()            # parked in the last step
 

@@ -6,15 +6,10 @@ each model forward; the model reads it with `current_step()`. Row `i` of the
 forward belongs to request `req_ids[j]` where `j` is row `i`'s request in the
 attention metadata's `query_start_loc` order (the input batch's order).
 
-Per-request extras come from `SamplingParams.extra_args`: the user-facing
-knobs of `vllm_e3.knobs` (`e3_enabled`, `e3_target_agreement`) and test- and
-benchmark-only keys (not part of the user-facing API; they let one engine
-serve many cases, since an engine takes ~25 s to start):
-- `_e3_policy`: "full" (this request never exits) | "token" | "sync" | "e3"
-- `_e3_force_exit`: {exit point: rate} replacing the engine's synthetic profile
-- `_e3_kv_fill`: False skips the KV fill of this request's exited tokens (to
-  show the tests fail without it)
-- `_e3_park_when`: "refill" | "always", replacing the engine's `park_when`
+Each request's rules (`vllm_e3.knobs.RequestRules`: policy, thresholds from
+`e3_target_agreement`, `e3_enabled`, and -- on engines started for tests --
+the `_e3_test` overrides) are resolved once, when the worker admits the
+request (`AdmittedRequests`), never per step.
 """
 from __future__ import annotations
 
@@ -22,10 +17,20 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from .knobs import FULL_RULES, RequestRules, resolve_rules
+
+
 @dataclass
 class StepContext:
     req_ids: list[str] = field(default_factory=list)
-    extra_args: list[dict[str, Any] | None] = field(default_factory=list)
+    rules: list[RequestRules] = field(default_factory=list)     # [R], one per request
+    # [R] int64: prompt length of each request. A row is a decode row (may
+    # exit) iff it is its request's only row and its position is past the
+    # prompt: a 1-token prefill chunk, or the recomputed last token of a fully
+    # cached prompt, are prompt positions.
+    prompt_lens: torch.Tensor | None = None
     # Set by the model: requests whose token of this step was parked (policy
     # e3). The runner drops their sampled token; the scheduler reschedules
     # them at the same position, and the model resumes them where they
@@ -35,9 +40,24 @@ class StepContext:
     # so a request parked now lets the next step admit one in its place.
     refill: bool = True
 
-    def has_extras(self) -> bool:
-        """Does any request carry extra_args (knobs or test overrides)?"""
-        return any(self.extra_args)
+
+class AdmittedRequests:
+    """The rules of every request the worker holds, by request id."""
+
+    def __init__(self):
+        self.rules: dict[str, RequestRules] = {}
+
+    def admit(self, req_id: str, extra: dict[str, Any] | None, cfg, table) -> None:
+        self.rules[req_id] = resolve_rules(cfg, table, extra)
+
+    def finish(self, req_ids) -> None:
+        for rid in req_ids:
+            self.rules.pop(rid, None)
+
+    def of(self, req_ids: list[str]) -> list[RequestRules]:
+        # a request the worker never admitted (cannot happen in vLLM's order
+        # of calls) runs the full model
+        return [self.rules.get(rid, FULL_RULES) for rid in req_ids]
 
 
 _current: StepContext | None = None

@@ -12,34 +12,43 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .step import StepContext, step_context
+from .step import AdmittedRequests, StepContext, step_context
 
 
 class E3CPUModelRunner(CPUModelRunner):
+    _e3_refill = True
+    _e3_admitted: AdmittedRequests | None = None
+
     def _e3_step_context(self) -> StepContext:
         batch = self.input_batch
         req_ids = list(batch.req_ids)
-        extras = []
-        for rid in req_ids:
-            state = self.requests.get(rid)
-            sp = state.sampling_params if state is not None else None
-            extras.append(sp.extra_args if sp is not None else None)
-        return StepContext(req_ids, extras, refill=self._e3_refill)
-
-    _e3_refill = True
+        prompt_lens = torch.from_numpy(batch.num_prompt_tokens[:len(req_ids)]).long()
+        rules = self._e3_admitted.of(req_ids) if self._e3_admitted is not None else []
+        return StepContext(req_ids, rules, prompt_lens, refill=self._e3_refill)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._e3_refill = getattr(scheduler_output, "e3_refill", True)
         return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _update_states(self, scheduler_output):
-        # Finished and aborted requests drop their parked state now (the
-        # model also drops any state a step does not resume, e.g. preempted).
-        dropped = scheduler_output.finished_req_ids
-        if dropped:
-            finish = getattr(self.get_model(), "e3_finish_requests", None)
-            if finish is not None:
-                finish(dropped)
+        model = self.get_model()
+        cfg = getattr(model, "e3", None)
+        if cfg is not None:
+            if self._e3_admitted is None:
+                self._e3_admitted = AdmittedRequests()
+            # Finished and aborted requests drop their rules and parked state
+            # now (the model also drops any state a step does not resume, e.g.
+            # preempted).
+            dropped = scheduler_output.finished_req_ids
+            if dropped:
+                self._e3_admitted.finish(dropped)
+                model.e3_finish_requests(dropped)
+            # Rules are resolved once, at admission (a request resumed after
+            # preemption arrives again and resolves to the same rules).
+            for new in scheduler_output.scheduled_new_reqs:
+                sp = new.sampling_params
+                self._e3_admitted.admit(new.req_id, sp.extra_args if sp is not None else None,
+                                        cfg, model.e3_table)
         return super()._update_states(scheduler_output)
 
     def _model_forward(self, *args, **kwargs):
@@ -96,10 +105,14 @@ class E3CPUWorker(CPUWorker):
 
     def e3_live_state(self) -> dict[str, int]:
         """What the worker holds right now: parked tokens, requests with
-        running counters (both 0 once every request has ended)."""
+        running counters, requests with resolved rules (all 0 once every
+        request has ended; the finished-request LRU is bounded and not
+        counted)."""
         model = self._e3_model()
+        admitted = getattr(self.model_runner, "_e3_admitted", None)
         return {"parked_now": len(getattr(model, "e3_parked", {})),
-                "requests_tracked": len(getattr(model, "e3_requests", {}))}
+                "requests_tracked": len(getattr(model, "e3_requests", {})),
+                "requests_admitted": len(admitted.rules) if admitted is not None else 0}
 
     def e3_reset_exit_stats(self) -> None:
         from .stats import reset_exit_stats

@@ -187,9 +187,10 @@ class E3CausalLMMixin:
         model, stats, cfg = self.model, self.e3_stats, self.e3
         h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
         out = torch.zeros_like(h)                         # [N, d] head input per row
-        layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())))
         step = current_step()
-        plan = ExitPlan.build(cfg, layout, h.shape[0], step, self.e3_table)
+        layout = RowLayout.from_metadata(next(iter(fc.attn_metadata.values())), positions,
+                                         step.prompt_lens if step is not None else None)
+        plan = ExitPlan.build(cfg, layout, h.shape[0], step)
         attn_layers = {layer.self_attn.attn.layer_name: layer.self_attn.attn for layer in model.layers}
         view = AttentionView(fc, attn_layers)
         act = Active(torch.arange(h.shape[0]), h, None, positions, input_ids,
