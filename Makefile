@@ -22,7 +22,7 @@ SERVE_PLUGINS ?= e3,e3_http
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 export VLLM_TARGET_DEVICE := cpu
 
-.PHONY: setup prepare serve test test-fast bench ramps clean
+.PHONY: setup prepare serve test test-fast bench soak ramps clean
 
 setup:
 	@bash scripts/setup.sh
@@ -41,6 +41,11 @@ test: prepare
 
 bench: prepare
 	@$(BIN)/python benchmarks/bench_policies.py $(ARGS)
+
+# Issue 12's soak: 3,000 mixed requests against a policy-e3 server with the
+# shipped ramps (~30 min on 2 cores; not part of `make test`).
+soak: prepare
+	@$(BIN)/python benchmarks/soak.py --requests 3000 $(ARGS)
 
 # The embedded default's ramps and calibration, committed in $(RAMPS_OUT), are
 # made by exactly these two commands (each records its command line in what it
