@@ -56,7 +56,7 @@ def test_deploy_refuses_other_weights(prepared_model_dir, tmp_path):
     cfg["rope_theta"] = cfg.get("rope_theta", 10000.0) * 2
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(E3ConfigError, match="were trained for base model .* hash to .*make ramps"):
+    with pytest.raises(E3ConfigError, match="does not belong to the weights.*trained for base model .* hash to .*make ramps"):
         deploy_artifact(d)
     assert not os.path.exists(os.path.join(d, "e3"))
 
