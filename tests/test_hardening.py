@@ -319,7 +319,7 @@ def _start(model: str, **e3):
     from vllm.engine.arg_utils import EngineArgs
 
     EngineArgs(model=model, model_impl="e3", dtype="float32", enforce_eager=True,
-               additional_config={"e3": e3} if e3 else None).create_engine_config()
+               **({"additional_config": {"e3": e3}} if e3 else {})).create_engine_config()
 
 
 def test_ramps_of_other_weights_are_refused_at_start_up(deployed_model_dir, tmp_path):
