@@ -12,33 +12,12 @@ margin and prints it, it does not assume it.
 import pytest
 import torch
 
-from helpers import PROMPTS, free_engine
+from helpers import PROMPTS, free_engine, overrides
 
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
 MAX_TOKENS = 24
 MARGIN = 1e-4
-
-
-def _test_args(**kw):
-    """The per-request test overrides (policy, force_exit), in the form this
-    tree's vllm_e3.knobs accepts: one `_e3_test` object, or (older trees)
-    one `_e3_<name>` key each."""
-    from vllm_e3 import knobs
-
-    key = getattr(knobs, "TEST_KEY", None)
-    return {key: kw} if key else {f"_e3_{k}": v for k, v in kw.items()}
-
-
-def _e3_config() -> dict:
-    import dataclasses
-
-    from vllm_e3.config import E3Config
-
-    cfg = {"policy": "token", "exits": EXITS}
-    if "test_overrides" in {f.name for f in dataclasses.fields(E3Config)}:
-        cfg["test_overrides"] = True
-    return cfg
 
 
 def _gen(llm, prompts, extra=None):
@@ -55,15 +34,15 @@ def runs(model_dir):
     from vllm.config import CompilationMode
 
     llm = LLM(model_dir, model_impl="e3", dtype="float32", max_model_len=512, max_num_seqs=32,
-              seed=0, additional_config={"e3": _e3_config()})
+              seed=0, additional_config={"e3": {"policy": "token", "exits": EXITS, "test_overrides": True}})
     out = {"mode": llm.llm_engine.vllm_config.compilation_config.mode,
            "none_mode": CompilationMode.NONE}
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
-    cases = {"zero": _test_args(force_exit={8: 0.0, 15: 0.0, 22: 0.0}),
-             "middle": _test_args(force_exit=MIDDLE),
-             "all8": _test_args(force_exit={8: 1.0}),
-             "full": _test_args(policy="full")}
+    cases = {"zero": overrides(force_exit={8: 0.0, 15: 0.0, 22: 0.0}),
+             "middle": overrides(force_exit=MIDDLE),
+             "all8": overrides(force_exit={8: 1.0}),
+             "full": overrides(policy="full")}
     for name, extra in cases.items():
         llm.collective_rpc("e3_reset_exit_stats")
         out[name] = _gen(llm, PROMPTS, extra)
