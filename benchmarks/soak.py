@@ -181,7 +181,7 @@ def main() -> int:
     log = os.path.join("/tmp", f"soak-{os.getpid()}.log")
     server_args = ARGS + (["--enforce-eager"] if args.eager else [])
     t_start = time.time()
-    with vllm_server(model, server_args, log, {"VLLM_PLUGINS": "e3,e3_http"}, timeout=900) as (url, proc):
+    with vllm_server(model, server_args, log, {"VLLM_PLUGINS": "e3,e3_http"}, timeout=1800) as (url, proc):
         base = url[:-len("/v1")]
         started = time.time() - t_start
         rss = {}

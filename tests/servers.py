@@ -3,6 +3,7 @@ planted e3/ deployment (symlinks to the prepared weights)."""
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,9 +23,11 @@ def vllm_server(model_dir: str, args: list[str], log_path, env: dict | None = No
     port = free_port()
     vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
     with open(log_path, "w") as f:
+        # its own process group: stopping it stops its engine core and
+        # workers too, even when it is stopped half-started
         proc = subprocess.Popen([vllm, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port), *args],
                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while True:
@@ -37,11 +40,15 @@ def vllm_server(model_dir: str, args: list[str], log_path, env: dict | None = No
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}/v1", proc
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)     # whatever of the group is left
+        proc.wait()
 
 
 def planted_model_dir(src: str, dst: str, config: dict | None = None, calibration: dict | None = None) -> str:
