@@ -65,14 +65,16 @@ def check_against_model(e3cfg, vllm_config) -> None:
     model_dir = vllm_config.model_config.model
     ramps = os.path.join(e3_dir(model_dir), RAMPS_FILENAME)
     has_ramps = os.path.exists(ramps)
-    specs = validate_ramps(ramps, e3cfg.exits, hf.hidden_size, model_dir) if has_ramps else {}
-    require_gates(e3cfg, specs, ramps)
     table = CalibrationTable.load(os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME))
     if table is not None:
         e3cfg.validate_for_model(hf.num_hidden_layers, table.exits, "the calibration table's")
-        table_specs = validate_ramps(ramps, table.exits, hf.hidden_size) if has_ramps else {}
+    # one pass over the ramps file for the config's exits and the table's
+    exits = sorted(set(e3cfg.exits) | set(table.exits if table is not None else ()))
+    specs = validate_ramps(ramps, exits, hf.hidden_size, model_dir) if has_ramps else {}
+    require_gates(e3cfg, specs, ramps)
+    if table is not None:
         table.check_against_ramps(ramps if has_ramps else None,
-                                  read_ramps_header(ramps)[0] if has_ramps else None, table_specs)
+                                  read_ramps_header(ramps)[0] if has_ramps else None, specs)
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise ValueError("--model-impl e3 does not support pipeline parallelism")
 
