@@ -19,7 +19,8 @@ Checks, printed and returned as the exit status:
   and no resolved rules (`GET /v1/e3/stats`); the finished-request LRU is
   bounded (4096) and not counted;
 - RSS of the API server, the engine core and the worker each within 10% of
-  its value after the first 200 requests;
+  its value after the first 200 requests, at the end and at every 250
+  requests;
 - after a quiesce wait, `/metrics`' tokens exited per exit equal the sum of
   the per-request stats of every request (completed and cancelled); decode
   tokens and decoder layers run may exceed the sums by what requests
