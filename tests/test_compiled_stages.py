@@ -1,8 +1,11 @@
 """Exits under vLLM's default compilation: each stage (the layers between two
 exit points) is a compiled unit (vllm_e3/models/stage.py) and the exit logic
-runs eagerly between them. One compiled E3 engine (no enforce_eager) serves
-every case; ids are compared in float32 against the plain-PyTorch reference
-(vllm_e3/reference.py), which with no exit firing is the full model.
+runs eagerly between them. One compiled E3 engine (no enforce_eager, policy
+e3 set up, the other policies per request) serves every E3 case, then one
+compiled vanilla engine; ids are compared in float32 against the
+plain-PyTorch reference (vllm_e3/reference.py), which with no exit firing is
+the full model, against compiled vanilla (rate 0, policy full), and policy
+e3 against token.
 
 A pass is exact ids. Inductor fuses a stage's ops differently from eager
 PyTorch, so a divergence is accepted only where the reference's top-2 logit
@@ -33,21 +36,29 @@ def runs(model_dir):
     from vllm import LLM
     from vllm.config import CompilationMode
 
-    llm = LLM(model_dir, model_impl="e3", dtype="float32", max_model_len=512, max_num_seqs=32,
-              seed=0, additional_config={"e3": {"policy": "token", "exits": EXITS, "test_overrides": True}})
+    common = dict(dtype="float32", max_model_len=512, max_num_seqs=32, seed=0)
+    # policy e3 parks whenever a later stage would run below 32 rows, so the
+    # few prompts here park at every exit
+    llm = LLM(model_dir, model_impl="e3", **common, additional_config={"e3": {
+        "policy": "e3", "exits": EXITS, "park_when": "always", "test_overrides": True}})
     out = {"mode": llm.llm_engine.vllm_config.compilation_config.mode,
            "none_mode": CompilationMode.NONE}
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
-    cases = {"zero": overrides(force_exit={8: 0.0, 15: 0.0, 22: 0.0}),
-             "middle": overrides(force_exit=MIDDLE),
-             "all8": overrides(force_exit={8: 1.0}),
-             "full": overrides(policy="full")}
+    cases = {"zero": overrides(policy="token", force_exit={8: 0.0, 15: 0.0, 22: 0.0}),
+             "middle": overrides(policy="token", force_exit=MIDDLE),
+             "all8": overrides(policy="token", force_exit={8: 1.0}),
+             "full": overrides(policy="full"),
+             "e3_middle": overrides(policy="e3", force_exit=MIDDLE)}
     for name, extra in cases.items():
         llm.collective_rpc("e3_reset_exit_stats")
         out[name] = _gen(llm, PROMPTS, extra)
         out[f"{name}_stats"] = llm.collective_rpc("e3_exit_stats")[0]
     free_engine(llm)
+    vanilla = LLM(model_dir, **common)
+    out["vanilla_mode"] = vanilla.llm_engine.vllm_config.compilation_config.mode
+    out["vanilla"] = _gen(vanilla, PROMPTS)
+    free_engine(vanilla)
     return out
 
 
@@ -108,16 +119,41 @@ def _check(runs, ref, case, **kw) -> list:
 
 def test_engine_is_compiled(runs):
     assert runs["mode"] != runs["none_mode"]
+    assert runs["vanilla_mode"] == runs["mode"]
 
 
-def test_rate_zero_is_the_full_model(runs, ref):
-    _check(runs, ref, "zero")
+def _same_ids(runs, ref, case, other, **kw):
+    """Each prompt's ids in `case` equal those in `other`; a divergence passes
+    only where the reference's margin at the first differing step is < MARGIN."""
+    diverged = []
+    for i, (got, want) in enumerate(zip(runs[case], runs[other])):
+        if got != want:
+            step = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+            diverged.append((PROMPTS[i][:30], step, ref.margin(runs["prompt_ids"][i], step, **kw)))
+    for prompt, step, margin in diverged:
+        print(f"{case} vs {other}: {prompt!r} first differs at token {step}, "
+              f"reference top-2 margin {margin:.3g}")
+    assert all(m < MARGIN for _, _, m in diverged), diverged
+
+
+def test_rate_zero_and_full_equal_compiled_vanilla(runs, ref):
+    """Every exit decision made, none fires / no exit path at all: vanilla's
+    ids (the compiled vanilla engine of this module)."""
+    _same_ids(runs, ref, "zero", "vanilla")
     assert runs["zero_stats"]["exited"] == {}
-
-
-def test_full_policy_is_the_full_model(runs, ref):
-    _check(runs, ref, "full")
+    assert runs["zero_stats"]["decode_tokens"] > 0          # the exit path ran
+    _same_ids(runs, ref, "full", "vanilla")
     assert runs["full_stats"]["exited"] == {}
+
+
+def test_e3_equals_token(runs, ref):
+    """Regrouping changes when a token's later stages run, never what they
+    compute: the same ids as token, with tokens parked and resumed."""
+    _same_ids(runs, ref, "e3_middle", "middle", exits=EXITS, force_exit=MIDDLE)
+    stats = runs["e3_middle_stats"]
+    assert stats["parked"] > 0 and stats["resumed"] > 0
+    if runs["e3_middle"] == runs["middle"]:      # same tokens, same forced decisions
+        assert stats["exited"] == runs["middle_stats"]["exited"]
 
 
 def test_token_middle_matches_reference(runs, ref):

@@ -12,7 +12,9 @@ def _ids(llm, max_tokens=32):
 def test_full_policy_equals_vanilla(model_dir):
     from vllm import LLM
 
-    common = dict(enforce_eager=True, max_num_seqs=16, seed=0)
+    # float32: exact ids across engines (vLLM 0.32 CPU bf16 is not even stable
+    # run to run on AVX-512/AMX: near-ties flip)
+    common = dict(enforce_eager=True, max_num_seqs=16, seed=0, dtype="float32")
     vanilla = LLM(model_dir, **common)
     want = _ids(vanilla)
     free_engine(vanilla)

@@ -385,14 +385,14 @@ def test_calibration_for_other_ramps_is_refused(deployed_model_dir, tmp_path):
 def test_metrics_side_file_is_private(tmp_path):
     from vllm_e3.exits import ExitStats
     from vllm_e3.metrics import StatsPublisher
+    from vllm_e3.runtime import E3Runtime
 
-    class Model:
-        e3_stats = ExitStats(decode_tokens=3)
-
+    runtime = E3Runtime()
+    runtime.stats = ExitStats(decode_tokens=3)
     old = os.umask(0o022)
     try:
         pub = StatsPublisher.__new__(StatsPublisher)
-        pub.model, pub.path, pub._last = Model(), str(tmp_path / "stats.json"), None
+        pub.runtime, pub.path, pub._last = runtime, str(tmp_path / "stats.json"), None
         pub.publish()
     finally:
         os.umask(old)

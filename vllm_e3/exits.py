@@ -58,105 +58,36 @@ class RowLayout:
     req_of_row: torch.Tensor       # [num_rows] int64
     decode_row: torch.Tensor       # [num_rows] bool: may exit
 
+    @property
+    def num_reqs(self) -> int:
+        return self.query_start_loc.numel() - 1
+
     @classmethod
-    def from_metadata(cls, md, positions: torch.Tensor, prompt_lens: torch.Tensor | None) -> "RowLayout":
-        """`positions` [>= num_rows]; `prompt_lens` [R] (None: no row is a
+    def build(cls, query_start_loc: torch.Tensor, positions: torch.Tensor,
+              prompt_lens: torch.Tensor | None) -> "RowLayout":
+        """`query_start_loc` [R + 1] (CPU) of the step's R requests;
+        `positions` [>= num_rows]; `prompt_lens` [R] (None: no row is a
         decode row). A decode row is its request's only row of the step and
         lies past the prompt: a 1-token chunk of a chunked prefill and the
         recomputed last token of a fully cached prompt are prompt positions,
         which run every layer."""
-        qsl = md.query_start_loc
+        qsl = query_start_loc
         qlen = (qsl[1:] - qsl[:-1]).long()
-        n = int(md.num_actual_tokens)
-        req_of_row = torch.repeat_interleave(torch.arange(qlen.numel()), qlen)[:n]
+        n = int(qsl[-1])
+        req_of_row = torch.repeat_interleave(torch.arange(qlen.numel()), qlen)
         if prompt_lens is None or prompt_lens.numel() < qlen.numel():
             return cls(n, qsl, req_of_row, torch.zeros(n, dtype=torch.bool))
         past_prompt = positions[:n].long() >= prompt_lens[:qlen.numel()][req_of_row]
         return cls(n, qsl, req_of_row, (qlen == 1)[req_of_row] & past_prompt)
 
-
-def _cpu_scheduler_metadata(md, layer, query_start_loc, seq_lens):
-    """Recompute the CPU attention kernel's work split for a sliced batch
-    (what CPUAttentionMetadataBuilder.build does, ~6 us)."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
-    impl = layer.impl
-    return ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=seq_lens.numel(),
-        num_heads=impl.num_heads,
-        num_kv_heads=impl.num_kv_heads,
-        head_dim=impl.head_size,
-        seq_lens=seq_lens,
-        dtype=layer.kv_cache.dtype if layer.kv_cache.numel() else torch.get_default_dtype(),
-        query_start_loc=query_start_loc,
-        causal=md.causal,
-        sliding_window_size=impl.sliding_window,
-        isa=layer.isa,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-        dynamic_causal=md.dynamic_causal,
-        kv_cache_dtype=impl.kv_cache_dtype,
-    )
-
-
-def slice_attn_metadata(md, layer, keep_rows: torch.Tensor, keep_reqs: torch.Tensor):
-    """A new metadata object for the subset of requests `keep_reqs` whose
-    tokens are `keep_rows` (in order). Never mutates `md`: every layer of the
-    forward context shares it (vLLM's v1/worker/ubatch_utils.py slices the
-    same way for micro-batches)."""
-    name = type(md).__name__
-    if name != "CPUAttentionMetadata":
-        raise NotImplementedError(
-            f"vllm-e3 can slice attention metadata of the CPU backend only, not {name}"
-        )
-    qsl = md.query_start_loc
-    qlen = qsl[1:] - qsl[:-1]
-    kept_len = qlen[keep_reqs]
-    new_qsl = torch.zeros(keep_reqs.numel() + 1, dtype=qsl.dtype)
-    torch.cumsum(kept_len, 0, out=new_qsl[1:])
-    seq_lens = md.seq_lens[keep_reqs]
-    return dataclasses.replace(
-        md,
-        num_actual_tokens=int(keep_rows.numel()),
-        max_query_len=int(kept_len.max()) if kept_len.numel() else 0,
-        query_start_loc=new_qsl,
-        seq_lens=seq_lens,
-        max_seq_len=int(seq_lens.max()) if seq_lens.numel() else 0,
-        block_table=md.block_table[keep_reqs],
-        slot_mapping=md.slot_mapping[keep_rows],
-        scheduler_metadata=_cpu_scheduler_metadata(md, layer, new_qsl, seq_lens),
-    )
-
-
-class AttentionView:
-    """The forward context's per-layer attention metadata and slot mappings,
-    restricted to the active rows. Installs new dicts (entries replaced,
-    shared objects untouched) and restores the originals on `restore()`."""
-
-    def __init__(self, fc, attn_layers: dict[str, object]):
-        self.fc = fc
-        self.layers = attn_layers                    # layer name -> Attention
-        self.orig_md = fc.attn_metadata              # name -> metadata
-        self.orig_slots = fc.slot_mapping            # name -> [N] slots
-
-    def restrict(self, keep_rows: torch.Tensor, keep_reqs: torch.Tensor) -> None:
-        """Point every layer at the rows `keep_rows` (indices into the
-        original rows) of the requests `keep_reqs`."""
-        sliced: dict[int, object] = {}
-        new_md, new_slots = {}, {}
-        for name, md in self.orig_md.items():
-            key = id(md)
-            if key not in sliced:
-                sliced[key] = slice_attn_metadata(md, self.layers[name], keep_rows, keep_reqs)
-            new_md[name] = sliced[key]
-        for name, slots in self.orig_slots.items():
-            new_slots[name] = slots[keep_rows]
-        self.fc.attn_metadata = new_md
-        self.fc.slot_mapping = new_slots
-
-    def restore(self) -> None:
-        self.fc.attn_metadata = self.orig_md
-        self.fc.slot_mapping = self.orig_slots
+    @classmethod
+    def from_step(cls, step, positions: torch.Tensor) -> "RowLayout":
+        """The rows of the step's requests (`step.req_ids`; padding requests
+        the runner may add are left out), from the common attention
+        metadata the runner captured."""
+        cm = step.attn.first()
+        qsl = cm.query_start_loc_cpu[:len(step.req_ids) + 1]
+        return cls.build(qsl, positions, step.prompt_lens)
 
 
 def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

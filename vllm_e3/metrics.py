@@ -38,10 +38,11 @@ PREFIX = "vllm_e3:"
 
 # ---- worker ------------------------------------------------------------------------------------
 class StatsPublisher:
-    """Writes the model's exit counters as JSON to `path` while they change."""
+    """Writes the runner's exit counters (vllm_e3.runtime) as JSON to `path`
+    while they change."""
 
-    def __init__(self, model, path: str):
-        self.model, self.path = model, path
+    def __init__(self, runtime, path: str):
+        self.runtime, self.path = runtime, path
         self._last = None
         threading.Thread(target=self._run, name="vllm-e3-stats", daemon=True).start()
 
@@ -50,7 +51,7 @@ class StatsPublisher:
 
         for _ in range(3):    # the forward may grow a dict meanwhile: try again
             try:
-                return exit_stats(self.model)
+                return exit_stats(self.runtime)
             except RuntimeError:
                 time.sleep(0.001)
         return None
@@ -78,11 +79,11 @@ class StatsPublisher:
                 return
 
 
-def start_publisher(model) -> StatsPublisher | None:
+def start_publisher(runtime) -> StatsPublisher | None:
     path = os.environ.get(STATS_ENV)
-    if not path or not hasattr(model, "e3_stats") or not os.path.isdir(os.path.dirname(path)):
+    if not path or runtime is None or not os.path.isdir(os.path.dirname(path)):
         return None
-    return StatsPublisher(model, path)
+    return StatsPublisher(runtime, path)
 
 
 # ---- front end ---------------------------------------------------------------------------------

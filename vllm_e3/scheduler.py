@@ -1,12 +1,14 @@
 """The scheduler subclass for `--model-impl e3` (`scheduler_cls`).
 
 Policy e3 parks a decode token inside the model: that step the request gets
-no token (the runner discards its sample, vllm_e3/worker.py). vLLM advanced
+no token (the runner discards its sample, vllm_e3/worker.py, and reports the
+parked requests in its output as `e3_parked_req_ids`). vLLM advanced
 `num_computed_tokens` at schedule time (`_update_after_schedule`), and an
 empty token list is accepted without a rollback, so the request would never
-be scheduled again. This scheduler rolls it back, as speculative decoding
-does for rejected drafts, so the request is rescheduled at the same position
-with the same input token, and the model resumes it where it was parked.
+be scheduled again. This scheduler rolls exactly the reported requests back,
+as speculative decoding does for rejected drafts, so each is rescheduled at
+the same position with the same input token, and the model resumes it where
+it was parked.
 
 Admission. A parked request holds a runner slot but does not run the first
 stage, so on a full engine parking would shrink the first stage by the
@@ -59,19 +61,15 @@ class E3Scheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        # the runner's record of the requests whose token parked this step
+        # (vllm_e3.runtime: the parking lot is the one source of truth)
+        parked = getattr(model_runner_output, "e3_parked_req_ids", None) or ()
         self.e3_parked_ids = set()
-        sampled = model_runner_output.sampled_token_ids
-        if not sampled:
-            return outputs
-        index = model_runner_output.req_id_to_index
-        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+        for req_id in parked:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
-                continue
-            i = index.get(req_id)
-            # a decode step that yielded nothing: every token computed, none added
-            if (i is not None and not sampled[i] and request.num_output_tokens > 0
-                    and request.num_computed_tokens == request.num_tokens):
-                request.num_computed_tokens -= n
-                self.e3_parked_ids.add(req_id)
+                continue      # finished or aborted meanwhile: nothing to reschedule
+            # computed, yielded nothing: schedule the same position again
+            request.num_computed_tokens -= scheduler_output.num_scheduled_tokens[req_id]
+            self.e3_parked_ids.add(req_id)
         return outputs

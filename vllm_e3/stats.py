@@ -21,24 +21,18 @@ Served (`vllm serve --model-impl e3`): the engine counters are on `/metrics`
 from __future__ import annotations
 
 
-def exit_stats(model) -> dict | None:
-    stats = getattr(model, "e3_stats", None)
-    return stats.as_dict() if stats is not None else None
+def exit_stats(runtime) -> dict | None:
+    """The engine counters of the runner's E3 state (vllm_e3.runtime.E3Runtime;
+    None: not an E3 model)."""
+    return runtime.stats.as_dict() if runtime is not None else None
 
 
-def reset_exit_stats(model) -> None:
-    from .exits import ExitStats
-
-    if hasattr(model, "e3_stats"):
-        model.e3_stats = ExitStats()
-
-
-def request_stats(model, ids: list[str] | None = None) -> dict[str, dict]:
+def request_stats(runtime, ids: list[str] | None = None) -> dict[str, dict]:
     """Counters of running and recently finished requests, by request id.
     An id may also be the id a client saw (vLLM adds `-<8 chars>` to it
     inside the engine; a completions request with several prompts sums
     them); None: every request still known."""
-    known = {**getattr(model, "e3_finished", {}), **getattr(model, "e3_requests", {})}
+    known = runtime.counters.known() if runtime is not None else {}
     if ids is None:
         return {rid: st.as_dict() for rid, st in known.items()}
     out = {}

@@ -2,28 +2,32 @@
 know about the requests behind the rows of the step it runs.
 
 The runner (`vllm_e3.worker.E3CPUModelRunner`) sets a `StepContext` around
-each model forward; the model reads it with `current_step()`. Row `i` of the
-forward belongs to request `req_ids[j]` where `j` is row `i`'s request in the
-attention metadata's `query_start_loc` order (the input batch's order).
+each `execute_model` (the forward and `compute_logits`); the model reads it
+with `current_step()`. Row `i` of the forward belongs to request
+`req_ids[j]` where `j` is row `i`'s request in the attention metadata's
+`query_start_loc` order (the input batch's order).
 
-Each request's rules (`vllm_e3.knobs.RequestRules`: policy, thresholds from
-`e3_target_agreement`, `e3_enabled`, and -- on engines started for tests --
-the `_e3_test` overrides) are resolved once, when the worker admits the
-request (`AdmittedRequests`), never per step.
+Request state that outlives a step (each request's rules, resolved once at
+admission; the parking lot; counters) is the runner's `vllm_e3.runtime.E3Runtime`,
+reached as `step.runtime`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .knobs import FULL_RULES, RequestRules, resolve_rules
+from .knobs import RequestRules
 
 
 @dataclass
 class StepContext:
+    runtime: object = None                   # vllm_e3.runtime.E3Runtime
+    # From the E3 scheduler: requests are waiting and runner slots are free,
+    # so a request parked now lets the next step admit one in its place.
+    refill: bool = True
+    # ---- bound by the runner before the forward (`bind`)
     req_ids: list[str] = field(default_factory=list)
     rules: list[RequestRules] = field(default_factory=list)     # [R], one per request
     # [R] int64: prompt length of each request. A row is a decode row (may
@@ -31,33 +35,20 @@ class StepContext:
     # prompt: a 1-token prefill chunk, or the recomputed last token of a fully
     # cached prompt, are prompt positions.
     prompt_lens: torch.Tensor | None = None
-    # Set by the model: requests whose token of this step was parked (policy
-    # e3). The runner drops their sampled token; the scheduler reschedules
-    # them at the same position, and the model resumes them where they
-    # stopped.
+    # the step's common attention metadata and attention groups
+    # (vllm_e3.attention.StepAttention); None: nothing can be restricted
+    attn: object = None
+    # ---- set by the model's forward, read in the same step
+    # requests whose token of this step was parked (policy e3): the runner
+    # drops their sample and reports them to the scheduler, which reschedules
+    # them at the same position; the model resumes them where they stopped
     parked_req_ids: list[str] = field(default_factory=list)
-    # From the E3 scheduler: requests are waiting and runner slots are free,
-    # so a request parked now lets the next step admit one in its place.
-    refill: bool = True
+    # [R] bool: the same requests, for compute_logits (no head rows for them)
+    no_logits: torch.Tensor | None = None
 
-
-class AdmittedRequests:
-    """The rules of every request the worker holds, by request id."""
-
-    def __init__(self):
-        self.rules: dict[str, RequestRules] = {}
-
-    def admit(self, req_id: str, extra: dict[str, Any] | None, cfg, table) -> None:
-        self.rules[req_id] = resolve_rules(cfg, table, extra)
-
-    def finish(self, req_ids) -> None:
-        for rid in req_ids:
-            self.rules.pop(rid, None)
-
-    def of(self, req_ids: list[str]) -> list[RequestRules]:
-        # a request the worker never admitted (cannot happen in vLLM's order
-        # of calls) runs the full model
-        return [self.rules.get(rid, FULL_RULES) for rid in req_ids]
+    @property
+    def bound(self) -> bool:
+        return self.attn is not None
 
 
 _current: StepContext | None = None

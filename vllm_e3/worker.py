@@ -16,7 +16,12 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .step import AdmittedRequests, StepContext, step_context
+from vllm.v1.outputs import ModelRunnerOutput
+
+from .attention import StepAttention, check_groups
+from .patches.patch_attn_capture import capture_common_metadata
+from .runtime import E3Runtime
+from .step import StepContext, current_step, step_context
 
 logger = logging.getLogger("vllm.e3")
 
@@ -52,58 +57,77 @@ class HeapTrim:
 
 
 class E3CPUModelRunner(CPUModelRunner):
-    _e3_refill = True
-    _e3_admitted: AdmittedRequests | None = None
+    """vLLM's CPU runner, owning the E3 request state (`e3_runtime`,
+    vllm_e3.runtime) and wrapping each `execute_model` in a step context."""
 
-    def _e3_step_context(self) -> StepContext:
-        batch = self.input_batch
-        req_ids = list(batch.req_ids)
-        prompt_lens = torch.from_numpy(batch.num_prompt_tokens[:len(req_ids)]).long()
-        rules = self._e3_admitted.of(req_ids) if self._e3_admitted is not None else []
-        return StepContext(req_ids, rules, prompt_lens, refill=self._e3_refill)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.e3_runtime = E3Runtime()
+        self._e3_heap = HeapTrim()
+        self._e3_common: dict[int, object] = {}     # KV-cache group -> this step's common metadata
+        self._e3_parked: list[str] = []             # requests parked by the last forward
 
-    _e3_heap: HeapTrim | None = None
+    def initialize_kv_cache(self, *args, **kwargs):
+        super().initialize_kv_cache(*args, **kwargs)
+        cfg = getattr(self.get_model(), "e3", None)
+        if cfg is not None and cfg.exits_active:
+            check_groups(self.attn_groups)
+            # the builders' input, for restricting stages (patches/patch_attn_capture.py)
+            capture_common_metadata(self.attn_groups, self._e3_common.__setitem__)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        self._e3_refill = getattr(scheduler_output, "e3_refill", True)
-        out = super().execute_model(scheduler_output, *args, **kwargs)
-        if self._e3_heap is None:
-            self._e3_heap = HeapTrim()
+        self._e3_common.clear()
+        ctx = StepContext(self.e3_runtime, refill=getattr(scheduler_output, "e3_refill", True))
+        with step_context(ctx):
+            out = super().execute_model(scheduler_output, *args, **kwargs)
+        self._e3_parked = ctx.parked_req_ids
         self._e3_heap.maybe()
+        return out
+
+    def sample_tokens(self, *args, **kwargs):
+        out = super().sample_tokens(*args, **kwargs)
+        # the one record of which requests parked: the scheduler rolls back
+        # exactly these (vllm_e3.scheduler)
+        if isinstance(out, ModelRunnerOutput):
+            out.e3_parked_req_ids = self._e3_parked
+        self._e3_parked = []
         return out
 
     def _update_states(self, scheduler_output):
         model = self.get_model()
         cfg = getattr(model, "e3", None)
         if cfg is not None:
-            if self._e3_admitted is None:
-                self._e3_admitted = AdmittedRequests()
             # Finished and aborted requests drop their rules and parked state
-            # now (the model also drops any state a step does not resume, e.g.
-            # preempted).
-            dropped = scheduler_output.finished_req_ids
-            if dropped:
-                self._e3_admitted.finish(dropped)
-                model.e3_finish_requests(dropped)
+            # now (the loop also drops any parked state a step does not
+            # resume, e.g. preempted).
+            if scheduler_output.finished_req_ids:
+                self.e3_runtime.finish(scheduler_output.finished_req_ids)
             # Rules are resolved once, at admission (a request resumed after
             # preemption arrives again and resolves to the same rules).
             for new in scheduler_output.scheduled_new_reqs:
                 sp = new.sampling_params
-                self._e3_admitted.admit(new.req_id, sp.extra_args if sp is not None else None,
-                                        cfg, model.e3_table)
+                self.e3_runtime.admit(new.req_id, sp.extra_args if sp is not None else None,
+                                      cfg, model.e3_table)
         return super()._update_states(scheduler_output)
 
     def _model_forward(self, *args, **kwargs):
-        with step_context(self._e3_step_context()) as ctx:
-            out = super()._model_forward(*args, **kwargs)
+        ctx = current_step()
+        if ctx is None or not self._e3_common:      # dummy / profile runs: nothing can exit
+            return super()._model_forward(*args, **kwargs)
+        batch = self.input_batch
+        ctx.req_ids = list(batch.req_ids)
+        ctx.rules = self.e3_runtime.rules.of(ctx.req_ids)
+        ctx.prompt_lens = torch.from_numpy(batch.num_prompt_tokens[:len(ctx.req_ids)]).long()
+        ctx.attn = StepAttention(dict(self._e3_common), self.attn_groups)
+        out = super()._model_forward(*args, **kwargs)
         if ctx.parked_req_ids:
             # A parked row yields no token this step: discard its sample the
             # way vLLM discards a partial prefill's (_bookkeeping_sync), and
             # the scheduler (vllm_e3.scheduler) reschedules the same position.
-            index = self.input_batch.req_id_to_index
+            index = batch.req_id_to_index
             for rid in ctx.parked_req_ids:
                 self.discard_request_mask.np[index[rid]] = True
-            self.discard_request_mask.copy_to_gpu(self.input_batch.num_reqs)
+            self.discard_request_mask.copy_to_gpu(batch.num_reqs)
         return out
 
 
@@ -117,12 +141,18 @@ class E3CPUWorker(CPUWorker):
         out = super().load_model(*args, **kwargs)
         from .metrics import start_publisher
 
-        self._e3_publisher = start_publisher(self._e3_model())   # counters for /metrics
+        self._e3_publisher = start_publisher(self._e3_runtime())   # counters for /metrics
         return out
 
     # ---- introspection by name (llm.collective_rpc, vllm_e3.stats, vllm_e3.http)
     def _e3_model(self):
         return self.model_runner.get_model()
+
+    def _e3_runtime(self):
+        """The runner's E3 state (vllm_e3.runtime); None on a model without exits config."""
+        if getattr(self._e3_model(), "e3", None) is None:
+            return None
+        return self.model_runner.e3_runtime
 
     def e3_model_class(self) -> str:
         return type(self._e3_model()).__name__
@@ -135,28 +165,27 @@ class E3CPUWorker(CPUWorker):
     def e3_exit_stats(self) -> dict | None:
         from .stats import exit_stats
 
-        return exit_stats(self._e3_model())
+        return exit_stats(self._e3_runtime())
 
     def e3_request_stats(self, ids: list[str] | None = None) -> dict[str, dict]:
         from .stats import request_stats
 
-        return request_stats(self._e3_model(), ids)
+        return request_stats(self._e3_runtime(), ids)
 
     def e3_parked_count(self) -> int:
-        return len(getattr(self._e3_model(), "e3_parked", {}))
+        rt = self._e3_runtime()
+        return len(rt.parking) if rt is not None else 0
 
     def e3_live_state(self) -> dict[str, int]:
         """What the worker holds right now: parked tokens, requests with
         running counters, requests with resolved rules (all 0 once every
         request has ended; the finished-request LRU is bounded and not
         counted)."""
-        model = self._e3_model()
-        admitted = getattr(self.model_runner, "_e3_admitted", None)
-        return {"parked_now": len(getattr(model, "e3_parked", {})),
-                "requests_tracked": len(getattr(model, "e3_requests", {})),
-                "requests_admitted": len(admitted.rules) if admitted is not None else 0}
+        rt = self._e3_runtime()
+        return rt.live_state() if rt is not None else {"parked_now": 0, "requests_tracked": 0,
+                                                       "requests_admitted": 0}
 
     def e3_reset_exit_stats(self) -> None:
-        from .stats import reset_exit_stats
-
-        reset_exit_stats(self._e3_model())
+        rt = self._e3_runtime()
+        if rt is not None:
+            rt.reset_stats()

@@ -1,6 +1,6 @@
 """Stages as compile units: the decoder layers between two consecutive exit
 points, compiled by vLLM's own `@support_torch_compile` with a dynamic token
-count, so that the stage loop in `e3_model.py` runs compiled graphs and keeps
+count, so that the stage loop (`loop.py`) runs compiled graphs and keeps
 only the exit logic (decisions, compaction, parking, KV fill) eager between
 them. The idea is vLLM's Gemma3n/Gemma4 (`gemma3n.py` self/cross decoder,
 `gemma4.py`): several compiled modules over slices of one `self.layers`, the

@@ -1,0 +1,134 @@
+"""Attention restricted to a subset of a step's requests, through each
+attention group's own metadata builder: the model never names a backend.
+
+The runner (vllm_e3.worker) captures, per KV-cache group, the step's
+`CommonAttentionMetadata` as vLLM hands it to the groups' builders
+(patches/patch_attn_capture.py), and publishes it with the runner's
+attention groups in the step context (`StepAttention`). When a stage runs on
+a subset of the requests, `select_requests` gathers the subset's rows of the
+common metadata (every request- and token-indexed field, after
+`CommonAttentionMetadata.unpadded()`), and each attention group's own
+builder builds that group's metadata from it, as vLLM's fast-prefill builder
+does for its subset (v1/attention/backends/utils.py). Layers read their
+metadata and slot mapping from the forward context on every call, compiled
+or not, so swapping them between stage calls is honoured.
+
+Per-builder state. The CPU builder keeps none: `build` is one C++ call
+(`cpu_attn_get_scheduler_metadata`) and a dataclass. Builders that keep
+state the metadata points into (FlashInfer's planned wrapper, FA3's
+persistent scheduler buffer under full graphs, a group's kernel block table)
+would be overwritten by a restricted build while the step's full metadata
+still refers to it; they need builders of their own for E3 (docs/gpu.md).
+Start-up refuses a group with a kernel block size (`check_groups`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepAttention:
+    """The step's attention inputs as the runner built them."""
+    common: dict[int, object]      # KV-cache group id -> CommonAttentionMetadata
+    groups: list[list[object]]     # [kv group][attn group] -> vLLM AttentionGroup
+
+    def first(self):
+        return self.common[min(self.common)]
+
+
+def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
+    """The common metadata of the requests `keep_reqs` (ascending indices)
+    whose rows are `keep_rows` (ascending; every row of each kept request).
+    A new object: `cm` is shared by every group's builder and never changed."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    keep_reqs = keep_reqs.long()
+    keep_rows = keep_rows.long()
+    qsl_cpu = cm.query_start_loc_cpu
+    qlen = (qsl_cpu[1:] - qsl_cpu[:-1])[keep_reqs]
+    new_qsl = torch.zeros(keep_reqs.numel() + 1, dtype=qsl_cpu.dtype)
+    torch.cumsum(qlen, 0, out=new_qsl[1:])
+    reqs_dev = keep_reqs.to(cm.seq_lens.device)
+
+    def per_req(x):
+        if x is None:
+            return None
+        if isinstance(x, torch.Tensor):
+            return x[reqs_dev if x.device == cm.seq_lens.device else keep_reqs]
+        return x[keep_reqs.numpy()]              # numpy (encoder_seq_lens_cpu, req_idx)
+
+    seq_lens_cpu = per_req(cm.seq_lens_cpu_upper_bound)
+    seq_lens = cm.seq_lens[reqs_dev]
+    max_seq_len = (int(seq_lens_cpu.max()) if seq_lens_cpu is not None and seq_lens_cpu.numel()
+                   else cm.max_seq_len)
+    doc_ranges = None
+    if cm.mm_req_doc_ranges is not None:
+        old = keep_reqs.tolist()
+        doc_ranges = {i: cm.mm_req_doc_ranges[j] for i, j in enumerate(old) if j in cm.mm_req_doc_ranges}
+    return CommonAttentionMetadata(
+        query_start_loc=new_qsl.to(cm.query_start_loc.device),
+        query_start_loc_cpu=new_qsl,
+        seq_lens=seq_lens,
+        num_reqs=int(keep_reqs.numel()),
+        num_actual_tokens=int(keep_rows.numel()),
+        max_query_len=int(qlen.max()) if qlen.numel() else 0,
+        max_seq_len=max_seq_len,
+        block_table_tensor=cm.block_table_tensor[reqs_dev],
+        slot_mapping=cm.slot_mapping[keep_rows.to(cm.slot_mapping.device)],
+        causal=per_req(cm.causal) if isinstance(cm.causal, torch.Tensor) else cm.causal,
+        encoder_seq_lens=per_req(cm.encoder_seq_lens),
+        encoder_seq_lens_cpu=per_req(cm.encoder_seq_lens_cpu),
+        dcp_local_seq_lens=per_req(cm.dcp_local_seq_lens),
+        dcp_local_seq_lens_cpu_upper_bound=per_req(cm.dcp_local_seq_lens_cpu_upper_bound),
+        positions=None if cm.positions is None else cm.positions[keep_rows.to(cm.positions.device)],
+        is_prefilling=per_req(cm.is_prefilling),
+        seq_lens_cpu_upper_bound=seq_lens_cpu,
+        req_idx=per_req(cm.req_idx),
+        mm_req_doc_ranges=doc_ranges,
+        rswa_prefix_lens=per_req(cm.rswa_prefix_lens),
+        replayssm_decode_base_cpu=per_req(cm.replayssm_decode_base_cpu),
+    )
+
+
+def check_groups(attn_groups) -> None:
+    """Refuse, at start-up, attention groups whose restricted build would
+    overwrite state the step's full metadata points into."""
+    for groups in attn_groups:
+        for g in groups:
+            if g.kernel_block_size is not None:
+                raise NotImplementedError(
+                    f"vllm-e3: attention group of {g.layer_names[:1]}... maps blocks to kernel blocks "
+                    f"(kernel_block_size={g.kernel_block_size}) in a persistent table, which a "
+                    "restricted build would overwrite; exits need builders of their own here "
+                    "(docs/gpu.md, section 3)")
+
+
+class AttentionView:
+    """The forward context's per-layer attention metadata and slot mappings,
+    restricted to the active rows. Installs new dicts (entries replaced,
+    shared objects untouched) and restores the originals on `restore()`."""
+
+    def __init__(self, fc, attn: StepAttention):
+        self.fc = fc
+        self.attn = attn
+        self.orig_md = fc.attn_metadata              # layer name -> metadata
+        self.orig_slots = fc.slot_mapping            # layer name -> [N] slots
+
+    def restrict(self, keep_rows: torch.Tensor, keep_reqs: torch.Tensor) -> None:
+        """Point every layer at the rows `keep_rows` (indices into the
+        original rows) of the requests `keep_reqs`."""
+        new_md = dict(self.orig_md)
+        for gid, cm in self.attn.common.items():
+            sub = select_requests(cm, keep_reqs, keep_rows)
+            for group in self.attn.groups[gid]:
+                md = group.build_metadata(sub)
+                for name in group.layer_names:
+                    new_md[name] = md
+        self.fc.attn_metadata = new_md
+        self.fc.slot_mapping = {name: slots[keep_rows] for name, slots in self.orig_slots.items()}
+
+    def restore(self) -> None:
+        self.fc.attn_metadata = self.orig_md
+        self.fc.slot_mapping = self.orig_slots

@@ -1,0 +1,239 @@
+"""One forward of an E3 model when exits can fire: the stage loop.
+
+    for each stage [a, b):   tokens parked at `a` rejoin; run the compiled
+                             stage a..b-1 on the active rows
+        at exit b:           decide which decode rows exit; exited rows write
+                             their head input and are recorded for KV fill;
+                             the rest are compacted and attention restricted
+                             to them; under policy e3 a small continuing
+                             group parks
+    finally:                 final norm for the rows that ran to the end;
+                             per-request counters; KV fill for every layer an
+                             exited row skipped
+
+The model (`E3CausalLMMixin`) supplies weights and what they compute: the
+compiled stages, ramps and exit decisions, the K/V rows for the fill. The
+request state this loop reads and writes (rules, parking lot, counters,
+engine counters) is the runner's (`vllm_e3.runtime.E3Runtime`), reached
+through the step context. A `StageLoop` lives for one forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..exits import Active, ExitPlan, Parked, RowLayout, kv_fill_layer
+from ..kernels import compact
+
+
+class StageLoop:
+    def __init__(self, model, step, fc, view):
+        self.model = model                  # the E3 *ForCausalLM
+        self.cfg = model.e3
+        self.L = model.e3_num_layers
+        self.step = step                    # vllm_e3.step.StepContext
+        self.rt = step.runtime              # vllm_e3.runtime.E3Runtime
+        self.stats = step.runtime.stats
+        self.fc = fc
+        self.view = view                    # vllm_e3.attention.AttentionView
+
+    def run(self, input_ids, positions, inputs_embeds) -> torch.Tensor:
+        """[N, d]: per row, the state the LM head reads."""
+        backbone, stats, cfg, step = self.model.model, self.stats, self.cfg, self.step
+        h = backbone.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        out = torch.zeros_like(h)
+        layout = self.layout = RowLayout.from_step(step, positions)
+        plan = self.plan = ExitPlan.build(cfg, layout, h.shape[0], step)
+        act = Active(torch.arange(h.shape[0]), h, None, positions, input_ids,
+                     torch.zeros(h.shape[0], dtype=torch.long))
+        resume = self._take_resumed(act)                   # stage start -> Active
+        if resume:
+            keep = torch.ones(act.rows.numel(), dtype=torch.bool)
+            keep[torch.cat([r.rows for r in resume.values()])] = False
+            act = act.take(keep.nonzero().squeeze(1))
+        # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
+        self.exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # a resumed token was counted in the step that parked it
+        n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
+        num_reqs = layout.num_reqs
+        stats.steps += 1
+        stats.step_reqs += num_reqs
+        stats.step_reqs_max = max(stats.step_reqs_max, num_reqs)
+        stats.decode_tokens += n_decode
+        stats.layers_full += n_decode * self.L
+        restricted = bool(resume)
+        parked_rows: list[torch.Tensor] = []
+        try:
+            for start, end in cfg.stages(self.L):
+                if start in resume:                        # parked tokens rejoin here
+                    act = act.merge(resume.pop(start)) if act.rows.numel() else resume.pop(start)
+                    restricted = True
+                if act.rows.numel() == 0:                  # never call a stage with 0 rows
+                    continue
+                if restricted:
+                    self.view.restrict(act.rows, torch.unique_consecutive(layout.req_of_row[act.rows]))
+                    restricted = False
+                # compiled stage on the m >= 1 active rows: [m] positions, [m, d] states
+                act.h, act.residual = self.model.e3_stages[start](act.positions, act.h, act.residual)
+                n_dec = int(plan.decode[act.rows].sum())
+                stats.layers_run += n_dec * (end - start)
+                if n_dec:  # batch sizes a stage ran at, counted in decode tokens
+                    stats.stage_rows[start] = stats.stage_rows.get(start, 0) + n_dec
+                    stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
+                if end == self.L:
+                    break
+                act, gone = self._exit(end, act, out)
+                restricted |= gone
+                if act.rows.numel() and self._should_park(end, act, resume):
+                    parked_rows.append(self._park(end, act, resume))
+                    act = act.take(act.rows[:0])
+            if act.rows.numel():
+                out[act.rows] = backbone.norm(act.h, act.residual)[0]
+                self._record_waits(act.waited)
+        finally:
+            self.view.restore()
+        stats.mixed_exit_steps += len(self.exited) > 1
+        # forward rows parked this step (padding rows dropped)
+        parked = torch.cat(parked_rows) if parked_rows else torch.zeros(0, dtype=torch.long)
+        parked = parked[parked < layout.num_rows]
+        if parked.numel():                  # their requests get no logits and no token
+            skip = torch.zeros(num_reqs, dtype=torch.bool)
+            skip[layout.req_of_row[parked]] = True
+            step.no_logits = skip
+        self._account(parked)
+        fill = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in self.exited]
+        fill = [g for g in fill if g[1].numel()]
+        if fill:
+            self._kv_fill(fill)
+        return out
+
+    # ---- exits ---------------------------------------------------------
+    def _exit(self, e: int, act: Active, out: torch.Tensor) -> tuple[Active, bool]:
+        """Exit decisions at exit point `e`: exited rows write their head input
+        and are recorded for KV fill; the rest are compacted. Returns the new
+        active set and whether it changed."""
+        plan, layout = self.plan, self.layout
+        r = act.rows                                              # rows that can leave at e:
+        can = plan.may_exit[r] & (torch.isfinite(plan.threshold[e][r]) | ~torch.isnan(plan.rate[e][r]))
+        cand = can.nonzero().squeeze(1)                           # active-row indices
+        n_real = int((act.rows < layout.num_rows).sum())
+        if cand.numel() == 0 or (plan.sync and cand.numel() != n_real):
+            return act, False
+        head_in = self.model.e3_head_input(e, act.h[cand], act.residual[cand])
+        leave = self.model.e3_leave(e, plan, act.rows[cand], head_in, act.positions[cand], act.tokens[cand])
+        if not bool(leave.any()) or (plan.sync and not bool(leave.all())):
+            return act, False
+        gone = cand[leave]
+        out[act.rows[gone]] = head_in[leave]
+        self.exited.append((e, act.rows[gone], act.h[gone] + act.residual[gone], act.positions[gone]))
+        self.stats.exited[e] = self.stats.exited.get(e, 0) + int(gone.numel())
+        self._record_waits(act.waited[gone])
+        keep = act.rows < layout.num_rows                 # padding rows need no more work
+        keep[gone] = False
+        c = compact(keep, act.h, act.residual, act.positions)  # fused gather (kernels/compact.py)
+        m = int(c.num_keep)
+        idx = c.keep_idx[:m]
+        return Active(act.rows[idx], c.hidden[:m], c.residual[:m], c.positions[:m],
+                      act.tokens[idx], act.waited[idx]), True
+
+    # ---- E3 regrouping (policy e3) -------------------------------------
+    def _should_park(self, e: int, act: Active, resume: dict[int, Active]) -> bool:
+        """Park the group continuing past exit `e` when the next stage would
+        run below its target batch, every row may park (decode rows of e3
+        requests, under park_when: refill only while the scheduler can admit
+        in their place; a prompt row makes the stage run anyway), and no
+        token has reached its wait bound."""
+        joining = resume.get(e)
+        n = act.rows.numel() + (joining.rows.numel() if joining is not None else 0)
+        if n >= self.cfg.target_at(e) or not bool(self.plan.may_park[act.rows].all()):
+            return False
+        bound = self.cfg.max_park_steps
+        if bool((act.waited >= bound).any()):
+            return False
+        return joining is None or not bool((joining.waited >= bound).any())
+
+    def _park(self, e: int, act: Active, resume: dict[int, Active]) -> torch.Tensor:
+        """Park the group (with tokens parked at `e` earlier that did not
+        resume) in the runtime's parking lot: returns its forward rows."""
+        group = act.merge(resume.pop(e)) if e in resume else act
+        req = self.layout.req_of_row[group.rows].tolist()
+        pos, tok, waited = group.positions.tolist(), group.tokens.tolist(), group.waited.tolist()
+        for i, j in enumerate(req):
+            rid = self.step.req_ids[j]
+            self.rt.parking.park(rid, Parked(e, group.h[i].clone(), group.residual[i].clone(),
+                                             pos[i], tok[i], waited[i] + 1))
+            self.step.parked_req_ids.append(rid)
+        self.stats.parked += len(req)
+        return group.rows
+
+    def _take_resumed(self, act: Active) -> dict[int, Active]:
+        """Rows of this step that resume a parked token: the same request, a
+        decode row at the same position with the same input token. Every
+        other parked state is dropped (its request finished, was aborted or
+        preempted, or was not scheduled): recomputing such a token from stage
+        0 is always correct, since re-running layers rewrites the same K/V."""
+        parked = self.rt.parking.take_all()
+        if not parked:
+            return {}
+        layout = self.layout
+        qsl = layout.query_start_loc.tolist()
+        by_stage: dict[int, list[tuple[int, Parked]]] = {}
+        for j, rid in enumerate(self.step.req_ids[:len(qsl) - 1]):
+            st = parked.get(rid)
+            if st is None:
+                continue
+            row = qsl[j]
+            if (qsl[j + 1] - row == 1 and bool(layout.decode_row[row])
+                    and int(act.positions[row]) == st.position and int(act.tokens[row]) == st.token):
+                by_stage.setdefault(st.start, []).append((row, st))
+        out = {}
+        for start, items in by_stage.items():
+            rows = torch.tensor([r for r, _ in items])
+            out[start] = Active(rows, torch.stack([st.h for _, st in items]),
+                                torch.stack([st.residual for _, st in items]), act.positions[rows],
+                                act.tokens[rows], torch.tensor([st.waited for _, st in items]))
+            self.stats.resumed += len(items)
+        return out
+
+    # ---- bookkeeping ---------------------------------------------------
+    def _account(self, parked: torch.Tensor) -> None:
+        """Per-request counters of this step: a decode token counts when it
+        yields its token (exited or ran to the end), not when it parks."""
+        layout, L = self.layout, self.L
+        layers = torch.full((layout.num_rows,), L, dtype=torch.long)
+        for e, r, _, _ in self.exited:
+            layers[r] = e
+        done = layout.decode_row.clone()
+        done[parked] = False
+        rows = done.nonzero().squeeze(1)
+        counters, req_ids = self.rt.counters, self.step.req_ids
+        for j, n in zip(layout.req_of_row[rows].tolist(), layers[rows].tolist()):
+            st = counters.of(req_ids[j])
+            st.tokens += 1
+            st.layers_run += n
+            st.layers_full += L
+            if n < L:
+                st.exited[n] = st.exited.get(n, 0) + 1
+        for j in layout.req_of_row[parked].tolist():
+            counters.of(req_ids[j]).parked += 1
+
+    def _record_waits(self, waited: torch.Tensor) -> None:
+        hist = self.stats.park_wait_hist
+        for w in waited[waited > 0].tolist():
+            hist[w] = hist.get(w, 0) + 1
+
+    def _kv_fill(self, groups) -> None:
+        """KV fill for every layer each exited group skipped; at layer l the
+        groups that exited at e <= l are filled together, in one batch."""
+        layers, kv_weights = self.model.model.layers, self.model.e3_kv_weights
+        pending = sorted(groups, key=lambda g: g[0])
+        states, pos, rows = [], [], []
+        for l in range(pending[0][0], self.L):
+            if pending and pending[0][0] <= l:
+                while pending and pending[0][0] <= l:
+                    _, r, x, p = pending.pop(0)
+                    states.append(x); pos.append(p); rows.append(r)
+                x_all, p_all, r_all = torch.cat(states), torch.cat(pos), torch.cat(rows)
+            layer = layers[l]
+            slots = self.fc.slot_mapping[layer.self_attn.attn.layer_name][r_all]
+            kv_fill_layer(layer, x_all, p_all, slots, kv_weights[l])
+            self.stats.kv_fill_rows += int(r_all.numel())
