@@ -211,6 +211,46 @@ def main() -> None:
         print(f"{row['config']:18s} {row['tok_s']:8.1f} {row['ratio_vs_vanilla']:7.3f} "
               f"{row['ideal_ratio']:7.3f} {row['fraction_of_ideal']:8.3f} "
               f"{row['tpot_p50_ms'] or 0:9.1f} {row['tpot_p99_ms'] or 0:8.1f}  {sbs}")
+    # what the planner (vllm_e3.planner) predicts for the same cases: its
+    # modelled throughput of each case against full, from stage costs timed
+    # here in torch ops, beside the measured ratio against vanilla
+    from vllm_e3.planner import measure_costs, per_token_cost
+
+    costs = measure_costs(model)
+    full_cost = per_token_cost(costs, [], {}, args.batch, "forced", "full")
+    predicted, predicted_tpot = {}, {}
+    for name, eng, extra in cases:
+        if eng != "exits":
+            continue
+        pol, prof = name.split("/")
+        fractions, reach = {}, 1.0
+        for e in EXITS:
+            fractions[e] = reach * float(PROFILES[prof].get(str(e), 0.0))
+            reach -= fractions[e]
+        cost = per_token_cost(costs, EXITS, fractions, args.batch, "forced", pol,
+                              target if pol == "e3" else None, slots, args.max_park_steps)
+        predicted[name] = full_cost / cost
+        predicted_tpot[name] = per_token_cost(costs, EXITS, fractions, args.batch, "forced", pol,
+                                              target if pol == "e3" else None, slots,
+                                              args.max_park_steps, tpot=True)
+    for row in rows:
+        row["planner_predicted_ratio"] = predicted.get(row["config"])
+    measured = {row["config"]: row["ratio_vs_vanilla"] for row in rows}
+    for pol_case in [c for c in predicted if c.startswith("e3/")]:
+        tok_case = "token/" + pol_case.split("/")[1]
+        if tok_case in predicted:
+            tp50 = {row["config"]: row["tpot_p50_ms"] for row in rows}
+            result.setdefault("e3_over_token", {})[pol_case.split("/")[1]] = {
+                "predicted": predicted[pol_case] / predicted[tok_case],
+                "measured": measured[pol_case] / measured[tok_case],
+                "tpot_predicted": predicted_tpot[pol_case] / predicted_tpot[tok_case],
+                "tpot_p50_measured": (tp50[pol_case] / tp50[tok_case]) if tp50[tok_case] else None}
+    print("planner, predicted throughput vs full: "
+          + ", ".join(f"{k} {v:.3f} (measured vs vanilla {measured[k]:.3f})" for k, v in predicted.items()))
+    for prof, v in result.get("e3_over_token", {}).items():
+        print(f"e3 / token on {prof}: throughput predicted {v['predicted']:.3f}, measured "
+              f"{v['measured']:.3f}; TPOT predicted {v['tpot_predicted']:.2f}, p50 measured "
+              f"{v['tpot_p50_measured'] or 0:.2f}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"policies_{args.mode}_b{args.batch}"
                                    + (f"_n{n_req}" if queued else "") + ".json")

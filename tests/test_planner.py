@@ -59,6 +59,34 @@ def test_plan_picks_what_pays():
     assert (p["policy"], p["exits"], p["relative_cost"]) == ("full", [], 1.0)
 
 
+def test_tpot_model_and_bound():
+    # e3 above: 20 ms per token at B0 = 64 tokens per step, and a token waits
+    # 0.5 steps on average (half the tokens wait one): 20 * 64 * 1.5 ms; token:
+    # 30 ms * 64 tokens per step, no wait -- the same latency, more throughput
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "e3", 64, slots=128, tpot=True) == \
+        pytest.approx(1920 * MS)
+    assert per_token_cost(STEEP, [10], {10: 0.5}, 64, "forced", "token", tpot=True) == \
+        pytest.approx(1920 * MS)
+    # E3's setting at batch 16, 32 slots: the cheapest e3 plan makes tokens wait
+    steep = _costs(lambda b: max(b, 64) * MS, batches=(8, 16, 32, 64, 128))
+    fr = {8: 0.3, 15: 0.25, 22: 0.2}
+    free = plan(steep, [8, 15, 22], fr, 16, "forced", slots=32)
+    assert free["policy"] == "e3" and free["tpot_vs_token"] > 1.2
+    for bound in (1.2, 1.0):
+        p = plan(steep, [8, 15, 22], fr, 16, "forced", slots=32, max_tpot_ratio=bound)
+        assert p["policy"] != "e3" or p["tpot_vs_token"] <= bound
+        assert free["relative_cost"] < p["relative_cost"] <= 1.0     # the bound costs throughput
+
+
+@pytest.mark.parametrize("value", [0.5, "2", True, float("inf")])
+def test_max_tpot_ratio_is_checked(value):
+    from vllm_e3.config import E3Config, E3ConfigError
+
+    with pytest.raises(E3ConfigError, match="max_tpot_ratio"):
+        E3Config.from_dict({"policy": "e3", "exits": [8], "max_tpot_ratio": value})
+    assert E3Config.from_dict({"policy": "e3", "exits": [8], "max_tpot_ratio": 1.5}).max_tpot_ratio == 1.5
+
+
 def test_plan_cli_writes_full_when_the_head_decides(model_dir, tmp_path):
     """On the real model the full-vocabulary head as the exit decision costs
     ~8 layers a row: no exit of the middle profile pays, the plan is full."""

@@ -68,6 +68,11 @@ class E3Config:
     # costs on this machine and keep the exits, policy (no stronger than
     # `policy`) and target batch that pay for the engine's batch and slots.
     plan: bool = False
+    # The plan's latency bound: policy e3 is chosen only if its modelled time
+    # per output token is at most this many times token's (parked tokens
+    # wait steps; null: no bound). The planner models TPOT, it does not
+    # measure it (benchmarks/RESULTS.md compares the two).
+    max_tpot_ratio: float | None = None
     # TESTS AND BENCHMARKS ONLY. Accept the per-request test overrides
     # (`SamplingParams.extra_args["_e3_test"]`, vllm_e3.knobs): a synthetic
     # exit profile, another policy, no KV fill. Off, every `_e3*` key is
@@ -132,6 +137,12 @@ class E3Config:
         mps = kw.get("max_park_steps", 4)
         if isinstance(mps, bool) or not isinstance(mps, int) or mps < 0:
             raise E3ConfigError(f"{source}: 'max_park_steps' must be a non-negative integer, got {mps!r}")
+        mtr = kw.get("max_tpot_ratio")
+        if mtr is not None and (isinstance(mtr, bool) or not isinstance(mtr, (int, float))
+                                or not 1.0 <= mtr < float("inf")):
+            raise E3ConfigError(f"{source}: 'max_tpot_ratio' must be a number >= 1 or null, got {mtr!r}")
+        if mtr is not None:
+            kw["max_tpot_ratio"] = float(mtr)
         for flag in ("plan", "test_overrides"):
             if not isinstance(kw.get(flag, False), bool):
                 raise E3ConfigError(f"{source}: {flag!r} must be true or false, got {kw[flag]!r}")

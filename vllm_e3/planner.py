@@ -26,6 +26,13 @@ writes policy `full` when nothing beats the full model: the plan is never
 slower than full by construction of the choice (up to the model's error,
 which the benchmarks measure). Exits no token takes are never kept.
 
+Latency: by Little's law a request's time per output token is the requests
+in flight times the time per token, B0 (1 + sum_s S_s k_s) * cost under e3
+(parked requests are in flight too) against B * cost under token. With
+`max_tpot_ratio` (E3 config, or `--max-tpot-ratio`) an e3 choice whose
+modelled TPOT exceeds that multiple of token's on the same exits is not
+taken.
+
 At start-up (`"plan": true` in the E3 config) the model calls
 `startup_plan`: the same measurement in the engine's dtype, for the engine's
 batch and slots, the profile from `exit_profile`.
@@ -188,8 +195,22 @@ def _targets_of(exits, target) -> list[int]:
     return list(target)
 
 
+def _e3_shape(surv, tgt, B: int, slots: int, max_park: int):
+    """Policy e3's steady state: the first stage's batch B0 and the average
+    steps k_s a token waits before stage s (see `per_token_cost`)."""
+    def waits(B0):
+        return [min(max(0.0, t / max(B0 * S, 1e-9) - 1.0), max_park) if t and S > 0 else 0.0
+                for S, t in zip(surv, tgt)]
+
+    B0 = float(B)
+    for _ in range(30 if any(tgt) else 0):
+        B0 = min(float(B), slots / (1.0 + sum(S * k for S, k in zip(surv, waits(B0)))))
+    return B0, waits(B0)
+
+
 def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: str,
-                   target=None, slots: int | None = None, max_park: int = 4) -> float:
+                   target=None, slots: int | None = None, max_park: int = 4,
+                   tpot: bool = False) -> float:
     """Modelled seconds per output token (see the module docstring).
 
     Policy e3, `target` one int for every stage after the first or one per
@@ -199,7 +220,11 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     requests hold their slots, so stage 0 runs at
     B0 = min(B, slots / (1 + sum_s S_s k_s)) (fixed-point iteration; slots
     defaults to B, a full engine): regrouping pays only where the gain in
-    per-token cost at later stages beats what the first stage loses."""
+    per-token cost at later stages beats what the first stage loses.
+
+    `tpot`: the modelled time per output token of one request instead: a
+    step makes B0 tokens at this cost each, and a request's token takes
+    1 + sum_s S_s k_s steps (its waits parked)."""
     slots = slots or B
     L, layer = costs["num_layers"], costs["layer"]
     dec = costs["decision_per_row"].get(measure, 0.0)
@@ -208,16 +233,9 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     for e in exits:
         surv.append(max(0.0, surv[-1] - fractions.get(e, 0.0)))
     tgt = [0, *_targets_of(exits, target)] if policy == "e3" else [0] * (len(exits) + 1)
-
-    def waits(B0):
-        return [min(max(0.0, t / max(B0 * S, 1e-9) - 1.0), max_park) if t and S > 0 else 0.0
-                for S, t in zip(surv, tgt)]
-
-    B0 = float(B)
-    for _ in range(30 if any(tgt) else 0):
-        B0 = min(float(B), slots / (1.0 + sum(S * k for S, k in zip(surv, waits(B0)))))
+    B0, waits = _e3_shape(surv, tgt, B, slots, max_park)
     total = 0.0
-    for i, ((s, e), k) in enumerate(zip(zip(bounds[:-1], bounds[1:]), waits(B0))):
+    for i, ((s, e), k) in enumerate(zip(zip(bounds[:-1], bounds[1:]), waits)):
         S = surv[i]
         if S <= 0:
             continue
@@ -226,13 +244,19 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
         if e < L:
             x = fractions.get(e, 0.0)
             total += S * dec + x * (L - e) * costs["fill_per_row_layer"]
-    return total + costs["head_per_row"]
+    total += costs["head_per_row"]
+    if tpot:
+        return total * B0 * (1.0 + sum(S * k for S, k in zip(surv, waits)))
+    return total
 
 
 def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
-         slots: int | None = None, policies=("token", "e3"), max_park: int = 4) -> dict:
+         slots: int | None = None, policies=("token", "e3"), max_park: int = 4,
+         max_tpot_ratio: float | None = None) -> dict:
     """The exits, policy (`full` or one of `policies`) and per-exit target
-    batches (policy e3) with the least modelled cost per token."""
+    batches (policy e3) with the least modelled cost per token; under
+    `max_tpot_ratio`, an e3 choice only if its modelled TPOT is at most that
+    many times token's on the same exits."""
     L = costs["num_layers"]
     full = per_token_cost(costs, [], {}, B, measure, "full")
     best = {"policy": "full", "exits": [], "cost": full, "target_batch": []}
@@ -246,8 +270,13 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
         for subset in itertools.combinations(taken, k):
             options = ([("token", [0] * k)] if "token" in policies else []) + \
                       ([("e3", t) for t in e3_options(subset)] if "e3" in policies else [])
+            token_tpot = per_token_cost(costs, subset, fractions, B, measure, "token", tpot=True)
             for policy, t in options:
                 c = per_token_cost(costs, subset, fractions, B, measure, policy, t, slots, max_park)
+                if (policy == "e3" and max_tpot_ratio is not None and c < best["cost"]
+                        and per_token_cost(costs, subset, fractions, B, measure, policy, t, slots,
+                                           max_park, tpot=True) > max_tpot_ratio * token_tpot):
+                    continue
                 if c < best["cost"]:
                     best = {"policy": policy, "exits": list(subset), "cost": c, "target_batch": t}
     best["full_cost"] = full
@@ -259,6 +288,9 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
         best["e3_cost_same_exits"] = min(
             per_token_cost(costs, ex, fractions, B, measure, "e3", t, slots, max_park)
             for t in e3_options(ex)) / full
+        tpot = lambda pol, t=None: per_token_cost(costs, ex, fractions, B, measure, pol, t, slots,
+                                                  max_park, tpot=True)
+        best["tpot_vs_token"] = tpot(best["policy"], best["target_batch"]) / tpot("token")
     return best
 
 
@@ -286,8 +318,9 @@ def main(args) -> int:
     costs = measure_costs(model_dir, dtype=dtype)
     measure = args.confidence or cfg.confidence
     can_park = e3_can_park(args.batch, args.slots, cfg.park_when)
+    max_tpot = args.max_tpot_ratio if args.max_tpot_ratio is not None else cfg.max_tpot_ratio
     result = plan(costs, exits, fractions, args.batch, measure, args.slots,
-                  ("token", "e3") if can_park else ("token",), cfg.max_park_steps)
+                  ("token", "e3") if can_park else ("token",), cfg.max_park_steps, max_tpot)
     lay = costs["layer"]
     print(f"decoder layer, ms per token by batch: " +
           ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
@@ -298,6 +331,9 @@ def main(args) -> int:
           f"{result['target_batch']}, modelled cost {result['relative_cost']:.3f} of full"
           + (f" (same exits: token {result['token_cost_same_exits']:.3f}, e3 {result['e3_cost_same_exits']:.3f})"
              if result["exits"] else ""))
+    if result["policy"] == "e3":
+        print(f"modelled TPOT {result['tpot_vs_token']:.2f}x token's"
+              + (f" (bound {max_tpot:.2f}x)" if max_tpot is not None else ""))
     if result["policy"] == "e3" and (args.slots or args.batch) > args.batch:
         print(f"serve it with --max-num-seqs {args.slots} --max-num-active-seqs {args.batch}")
     if args.write:
@@ -356,7 +392,7 @@ def startup_plan(cfg, model_dir: str, vllm_config):
     can_park = e3_can_park(batch, sc.max_num_seqs, cfg.park_when)
     policies = ("token", "e3") if cfg.policy == "e3" and can_park else ("token",)
     best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
-                cfg.max_park_steps)
+                cfg.max_park_steps, cfg.max_tpot_ratio)
     if best["policy"] == "full":
         exits = ()
     else:
@@ -389,6 +425,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--confidence", default=None, choices=["max_prob", "margin", "gate", "forced"],
                    help="decision cost to assume (default: the E3 config's measure; "
                         "forced = a synthetic profile, no decision cost)")
+    p.add_argument("--max-tpot-ratio", type=float, default=None,
+                   help="choose e3 only if its modelled TPOT is at most this many times token's "
+                        "(default: the E3 config's max_tpot_ratio)")
     p.add_argument("--write", action="store_true", help="write the plan into e3/config.json")
     p.set_defaults(func=main)
     return p
