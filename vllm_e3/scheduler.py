@@ -20,7 +20,11 @@ step against the admission cap: it admits while fewer than
 With `--max-num-seqs 2B --max-num-active-seqs B` the first stage keeps B
 requests while up to B more wait parked (E3's setting: more requests in
 flight than the batch each stage runs at; the cost is their KV cache).
-With the two equal (the default) this changes nothing.
+With the two equal (the default) this changes nothing. A request admitted
+while others were parked stays until it finishes, and parked requests are
+not held back when they resume, so the unparked requests can exceed B:
+measured at B = 16 with 32 slots, stage 0 ran at 23.4 rows on average
+(benchmarks/RESULTS.md, "Compiled stages on a quiet machine").
 
 Refill. Each output carries `e3_refill` (an attribute of this scheduler's
 own SchedulerOutput, read by vllm_e3.worker): whether requests are waiting
