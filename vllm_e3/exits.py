@@ -180,7 +180,7 @@ class ExitPlan:
     def build(cls, cfg, layout: "RowLayout", n_rows: int, step) -> "ExitPlan":
         """From each request's rules, resolved at admission (`step.rules`,
         vllm_e3.knobs.RequestRules). No step context: nothing exits."""
-        num_reqs = layout.query_start_loc.numel() - 1
+        num_reqs = layout.num_reqs
         rules = step.rules[:num_reqs] if step is not None and len(step.rules) >= num_reqs else None
         rules = rules or [FULL_RULES] * num_reqs
         pad = n_rows - layout.num_rows

@@ -27,7 +27,7 @@ class StepContext:
     # From the E3 scheduler: requests are waiting and runner slots are free,
     # so a request parked now lets the next step admit one in its place.
     refill: bool = True
-    # ---- bound by the runner before the forward (`bind`)
+    # ---- set by the runner before the forward (E3CPUModelRunner._model_forward)
     req_ids: list[str] = field(default_factory=list)
     rules: list[RequestRules] = field(default_factory=list)     # [R], one per request
     # [R] int64: prompt length of each request. A row is a decode row (may
