@@ -65,6 +65,10 @@ def main() -> None:
     ap.add_argument("--max-park-steps", type=int, default=4)
     ap.add_argument("--cases", default=None,
                     help="comma list of policy/profile cases (default: every policy x profile)")
+    ap.add_argument("--vanilla-again", action="store_true",
+                    help="also build a second vanilla engine after all the others and time it as "
+                         "case vanilla-last (in runs here the first engine built ran slower than "
+                         "the same graph built later)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -108,8 +112,12 @@ def main() -> None:
             "policy": "e3", "exits": EXITS, "target_batch": target,
             "max_park_steps": args.max_park_steps, "test_overrides": True}})
 
+    if args.vanilla_again:
+        engines["vanilla-last"] = LLM(model, **common)
     cases = [("vanilla", "vanilla", None), ("vanilla-8L", "vanilla-8L", None),
              ("vanilla-15L", "vanilla-15L", None)]
+    if args.vanilla_again:
+        cases.append(("vanilla-last", "vanilla-last", None))
     sweep_top = "vanilla-closed" if queued else "vanilla"   # the depth sweep's 30 layers
     if queued:
         cases.append((sweep_top, "vanilla", None))
@@ -128,11 +136,12 @@ def main() -> None:
     times = {c[0]: [] for c in cases}
     tpot = {c[0]: [] for c in cases}
     decode_s = {c[0]: [] for c in cases}
-    saved, stage = {}, {}
+    saved, stage, profiled = {}, {}, {}
     for r in range(args.runs):
         for name, eng, extra in cases:
             if eng == "exits":
                 engines[eng].collective_rpc("e3_reset_exit_stats")
+                engines[eng].collective_rpc("e3_profile", args=(True,))
             batch = closed if queued and name in sweep else prompts
             dt, outs = timed(lambda: engines[eng].generate(batch, sp(extra), use_tqdm=False))
             assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
@@ -145,6 +154,8 @@ def main() -> None:
                     tpot[name].append(spans[-1] / (m.num_generation_tokens - 1))
             decode_s[name].append(median(spans))
             if eng == "exits":
+                profiled.setdefault(name, []).extend(engines[eng].collective_rpc("e3_profile_steps")[0])
+                engines[eng].collective_rpc("e3_profile", args=(False,))
                 st = engines[eng].collective_rpc("e3_exit_stats")[0]
                 saved[name] = (st["layers_full"] - st["layers_run"], st["decode_tokens"], st["exited"])
                 stage[name] = {s: st["stage_rows"][s] / st["stage_runs"][s] for s in st["stage_runs"]}
@@ -153,6 +164,18 @@ def main() -> None:
                 stage[name]["in_flight_max"] = st["step_reqs_max"]
             print(f"round {r} {name:18s} {dt:7.2f}s", flush=True)
 
+    # untimed: the token cases once more on closed batches of B/2, B/4, B/8,
+    # so that the step costs are seen at several request counts (the fit's
+    # slope per request; vllm_e3.profile)
+    for name, eng, extra in cases:
+        if name.startswith("token/"):
+            for b in sorted({max(1, args.batch // k) for k in (2, 4, 8)}, reverse=True):
+                engines[eng].collective_rpc("e3_profile", args=(True,))
+                engines[eng].generate(prompts[:b], SamplingParams(
+                    temperature=0, max_tokens=32, ignore_eos=True, extra_args=extra), use_tqdm=False)
+                profiled.setdefault(f"sweep:{name}", []).extend(
+                    engines[eng].collective_rpc("e3_profile_steps")[0])
+            engines[eng].collective_rpc("e3_profile", args=(False,))
     n_out = n_req * args.output_len
     med = {k: median(v) for k, v in times.items()}
     # decoder-layer seconds per decode token per layer from the vanilla depth sweep
@@ -205,6 +228,10 @@ def main() -> None:
           f"{'tpot p50':>9s} {'p99 ms':>8s}  mean stage batch")
     print(f"{'vanilla':18s} {n_out/tv:8.1f} {1.0:7.3f} {'':7s} {'':8s} "
           f"{result['vanilla_tpot_p50_ms'] or 0:9.1f}")
+    if "vanilla-last" in med:
+        result["vanilla_last_tok_s"] = n_out / med["vanilla-last"]
+        print(f"{'vanilla-last':18s} {n_out / med['vanilla-last']:8.1f} {tv / med['vanilla-last']:7.3f}"
+              "   (the same engine as vanilla, built after all the others)")
     for row in rows:
         sb = row["mean_stage_batch"] or {}
         sbs = " ".join(f"{k}:{v:.1f}" for k, v in sb.items())
@@ -251,6 +278,66 @@ def main() -> None:
         print(f"e3 / token on {prof}: throughput predicted {v['predicted']:.3f}, measured "
               f"{v['measured']:.3f}; TPOT predicted {v['tpot_predicted']:.2f}, p50 measured "
               f"{v['tpot_p50_measured'] or 0:.2f}")
+    # the simulation (vllm_e3.simulate) priced with the engine's own costs,
+    # fitted from the step timings of the token cases (vllm_e3.profile): a
+    # prediction of every case, e3 included, from runs of token only
+    from vllm_e3.profile import fit_costs
+    from vllm_e3.simulate import rates_of, simulate, smooth_layer
+
+    fit_from = [c for c in profiled if c.startswith(("token/", "sweep:token/"))] or list(profiled)
+    if fit_from:
+        ecosts = fit_costs([s for c in fit_from for s in profiled[c]], 30)
+        ecosts["layer"] = smooth_layer(ecosts["layer"])
+        result["engine_costs"] = {**ecosts, "fitted_from": fit_from}
+        result["profiled_steps"] = profiled          # to refit offline (vllm_e3.profile)
+        kv = engines["exits"].collective_rpc("e3_kv_cache")[0]     # every engine: the same KV space
+        work = dict(batch=args.batch, requests=n_req, prompt_len=args.input_len,
+                    output_len=args.output_len, max_park=args.max_park_steps,
+                    kv_blocks=kv["blocks"], block_size=kv["block_size"],
+                    token_budget=common["max_num_batched_tokens"])
+        result["kv_cache"] = kv
+        sim = {}
+        for name, eng, extra in cases + [("full", "full", None)]:
+            if (eng == "exits" or name == "full") and name not in sim:
+                pol, prof = name.split("/") if "/" in name else ("full", "none")
+                sim[name] = simulate(ecosts, policy=pol, exits=EXITS,
+                                     rates={e: float(PROFILES[prof].get(str(e), 0.0)) for e in EXITS},
+                                     slots=slots if eng == "exits" else args.batch,
+                                     target=target if pol == "e3" else 0, **work)
+        measured_tok = {row["config"]: row["tok_s"] for row in rows}
+        if "full" not in measured_tok:       # the same graph: vanilla stands in for full
+            measured_tok["full"] = n_out / med.get("vanilla-last", med["vanilla"])
+        result["simulated"] = {k: {**v, "measured_tok_s": measured_tok.get(k)} for k, v in sim.items()}
+        print(f"engine costs from {fit_from}: layer ms at rows "
+              + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in list(ecosts['layer'].items())[::4])
+              + f"; exit boundary {1e3 * ecosts['exit_s']:.2f} ms, head {1e3 * ecosts['head_s']:.3f} ms/row, "
+              f"fill {1e6 * ecosts['fill_s']:.1f} us/row-layer, rest of a step "
+              f"{1e3 * ecosts['step_s']:.1f} ms + {1e3 * ecosts['row_s']:.2f} ms/request")
+        for k, v in sim.items():
+            print(f"simulated {k:14s} {v['tok_s']:7.1f} tok/s (measured {measured_tok.get(k, 0):7.1f}), "
+                  f"TPOT p50 {1e3 * v['tpot_p50']:.0f} ms, in flight {v['in_flight_mean']:.1f}, "
+                  f"parked {v['parked']:.0f}, preempted {v['preempted']:.0f}")
+        tp50 = {row["config"]: row["tpot_p50_ms"] for row in rows}
+        for prof in profiles:
+            e3c, tokc = f"e3/{prof}", f"token/{prof}"
+            if e3c in sim and tokc in sim:
+                v = result.setdefault("e3_over_token_simulated", {})[prof] = {
+                    "predicted": sim[e3c]["tok_s"] / sim[tokc]["tok_s"],
+                    "measured": measured_tok[e3c] / measured_tok[tokc],
+                    "tpot_predicted": sim[e3c]["tpot_p50"] / sim[tokc]["tpot_p50"],
+                    "tpot_p50_measured": tp50[e3c] / tp50[tokc] if tp50[tokc] else None}
+                print(f"e3 / token on {prof} (simulated): throughput predicted {v['predicted']:.3f}, "
+                      f"measured {v['measured']:.3f} ({100 * (v['predicted'] / v['measured'] - 1):+.1f}%); "
+                      f"TPOT predicted {v['tpot_predicted']:.2f}, p50 measured {v['tpot_p50_measured'] or 0:.2f}")
+            # the plan's choice among the cases run on this profile, and what it measured
+            cands = [c for c in (e3c, tokc, "full") if c in sim]
+            if len(cands) > 1:
+                pick = max(cands, key=lambda c: sim[c]["tok_s"])
+                worst = min(measured_tok[pick] / measured_tok[c] for c in cands)
+                result.setdefault("plan_check", {})[prof] = {
+                    "choice": pick, "measured_vs_best_rejected": worst}
+                print(f"plan on {prof}: {pick} (of {cands}); measured {worst:.3f}x the best it "
+                      f"rejected (must be >= 0.98)")
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"policies_{args.mode}_b{args.batch}"
                                    + (f"_n{n_req}" if queued else "") + ".json")

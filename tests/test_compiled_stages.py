@@ -52,8 +52,10 @@ def runs(model_dir):
              "e3_middle": overrides(policy="e3", force_exit=MIDDLE)}
     for name, extra in cases.items():
         llm.collective_rpc("e3_reset_exit_stats")
+        llm.collective_rpc("e3_profile", args=(name == "e3_middle",))   # step timings (vllm_e3.profile)
         out[name] = _gen(llm, PROMPTS, extra)
         out[f"{name}_stats"] = llm.collective_rpc("e3_exit_stats")[0]
+    out["profile"] = llm.collective_rpc("e3_profile_steps")[0]
     free_engine(llm)
     vanilla = LLM(model_dir, **common)
     out["vanilla_mode"] = vanilla.llm_engine.vllm_config.compilation_config.mode
@@ -175,3 +177,22 @@ def test_everything_exits_at_the_first_exit(runs, ref):
     assert set(stats["exited"]) == {8}
     assert stats["exited"][8] == stats["decode_tokens"]
     assert set(stats["stage_runs"]) == {0}   # decode rows ran stage 0 only
+
+
+def test_step_profile_accounts_for_every_step(runs):
+    """The per-step timings the planner's simulation is fitted from
+    (vllm_e3.profile), recorded on the e3 case: one record per forward, every
+    stage call on >= 1 rows between stage boundaries, the parked tokens the
+    engine counted, and one head row per token yielded."""
+    from vllm_e3.profile import fit_costs
+
+    steps, stats = runs["profile"], runs["e3_middle_stats"]
+    assert len(steps) == stats["steps"]
+    bounds = [0, *EXITS, 30]
+    calls = [c for st in steps for c in st["stages"]]
+    assert all(m >= 1 and (s, e) in zip(bounds, bounds[1:]) and dt > 0 for s, e, m, dt in calls)
+    assert sum(st["parked"] for st in steps) == stats["parked"] > 0
+    assert sum(st["head"][0] for st in steps) == len(PROMPTS) * MAX_TOKENS
+    costs = fit_costs(steps, 30)
+    assert costs["layer"] and all(v > 0 for v in costs["layer"].values())
+    assert costs["head_s"] > 0 and costs["exit_s"] > 0 and costs["fill_s"] > 0

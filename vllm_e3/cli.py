@@ -1,4 +1,4 @@
-"""The `vllm-e3` command: prepare, train, calibrate, plan, layout."""
+"""The `vllm-e3` command: prepare, train, calibrate, profile, plan, layout."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from .planner import add_plan_parser
 
     add_plan_parser(sub)
+    from .profile import add_profile_parser
+
+    add_profile_parser(sub)
     from .layout import add_layout_parser
 
     add_layout_parser(sub)

@@ -36,6 +36,16 @@ taken.
 At start-up (`"plan": true` in the E3 config) the model calls
 `startup_plan`: the same measurement in the engine's dtype, for the engine's
 batch and slots, the profile from `exit_profile`.
+
+With the engine's own costs (`vllm-e3 profile` writes e3/engine_costs.json:
+vllm_e3.profile) both `vllm-e3 plan` and the start-up plan simulate the
+engine instead (`plan_simulated`, vllm_e3.simulate): the closed form above
+prices torch ops on layer 0 and a steady state, while the engine pays ~2.5x
+those layer times compiled on one core plus per-step costs that grow with
+the requests scheduled, and policy e3 has no steady state: its scheduler
+admits past the cap while tokens park (measured at batch 16: predicted e3 /
+token 0.875 by the closed form, 1.193 measured; benchmarks/RESULTS.md has
+the simulation's figures).
 """
 from __future__ import annotations
 
@@ -294,6 +304,59 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
     return best
 
 
+ENGINE_COSTS_FILENAME = "engine_costs.json"
+
+
+def load_engine_costs(path: str) -> dict:
+    """Engine costs as `vllm-e3 profile` writes them (vllm_e3.profile.fit_costs,
+    plus the workload they were measured on)."""
+    raw = json.load(open(path))
+    raw["layer"] = {int(k): float(v) for k, v in raw["layer"].items()}
+    return raw
+
+
+def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | None,
+                   workload: dict, policies=("token", "e3"), max_park: int = 4,
+                   max_tpot_ratio: float | None = None, park_when: str = "refill",
+                   seeds: int = 3) -> dict:
+    """`plan` with the engine's measured costs and the step simulation
+    (vllm_e3.simulate) instead of the closed form: for `workload`
+    (requests, prompt_len, output_len) on an engine admitting B requests with
+    `slots` runner slots, every subset of the exits under token and under e3
+    with one target batch in {8, 16, 32, ..., B}; the policy with the most
+    simulated throughput, e3 only within `max_tpot_ratio` of token's TPOT p50
+    on the same exits. Exit decision costs are in the measured exit
+    boundaries (profile with the measure you deploy)."""
+    from .simulate import rates_of, simulate
+
+    slots = slots or B
+    run = lambda policy, exits, target=0, sl=slots: simulate(
+        ecosts, seeds=seeds, policy=policy, exits=exits, rates=rates_of(exits, fractions),
+        batch=B, slots=sl, target=target, max_park=max_park, park_when=park_when, **workload)
+    full = run("full", [], sl=B)
+    best = {"policy": "full", "exits": [], "target_batch": [], "sim": full}
+    taken = sorted(e for e in allowed_exits if fractions.get(e, 0.0) > 0)
+    targets = [b for b in (8, 16, 32, 64, 128, 256) if b <= B]
+    for k in range(1, len(taken) + 1):
+        for subset in itertools.combinations(taken, k):
+            token = run("token", list(subset))
+            options = [("token", [0] * k, token)] if "token" in policies else []
+            if "e3" in policies:
+                options += [("e3", [t] * k, run("e3", list(subset), t)) for t in targets]
+            for policy, t, sim in options:
+                if (policy == "e3" and max_tpot_ratio is not None
+                        and sim["tpot_p50"] > max_tpot_ratio * token["tpot_p50"]):
+                    continue
+                if sim["tok_s"] > best["sim"]["tok_s"]:
+                    best = {"policy": policy, "exits": list(subset), "target_batch": t, "sim": sim,
+                            "token_sim": token}
+    best["relative_cost"] = full["tok_s"] / best["sim"]["tok_s"]
+    best["full_sim"] = full
+    if best["policy"] == "e3":
+        best["tpot_vs_token"] = best["sim"]["tpot_p50"] / best["token_sim"]["tpot_p50"]
+    return best
+
+
 def main(args) -> int:
     from .config import CONFIG_FILENAME, e3_dir, load_e3_config
 
@@ -311,26 +374,39 @@ def main(args) -> int:
             return 2
     if not exits:
         exits = sorted(fractions)
-    import torch
-
-    dtype = getattr(torch, args.dtype)
-    print(f"[vllm-e3 plan] timing stages on this machine ({args.dtype}) ...", file=sys.stderr)
-    costs = measure_costs(model_dir, dtype=dtype)
-    measure = args.confidence or cfg.confidence
     can_park = e3_can_park(args.batch, args.slots, cfg.park_when)
+    policies = ("token", "e3") if can_park else ("token",)
     max_tpot = args.max_tpot_ratio if args.max_tpot_ratio is not None else cfg.max_tpot_ratio
-    result = plan(costs, exits, fractions, args.batch, measure, args.slots,
-                  ("token", "e3") if can_park else ("token",), cfg.max_park_steps, max_tpot)
-    lay = costs["layer"]
-    print(f"decoder layer, ms per token by batch: " +
-          ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
-    dec = costs["decision_per_row"].get(measure, 0.0)
-    print(f"decision per row ({measure}): {dec*1e3:.4f} ms = {dec / (lay[64] / 64):.2f} layers; "
-          f"fill per row-layer {costs['fill_per_row_layer'] / (lay[64] / 64):.2f} layers")
-    print(f"plan: policy {result['policy']}, exits {result['exits']}, target batch "
-          f"{result['target_batch']}, modelled cost {result['relative_cost']:.3f} of full"
-          + (f" (same exits: token {result['token_cost_same_exits']:.3f}, e3 {result['e3_cost_same_exits']:.3f})"
-             if result["exits"] else ""))
+    engine_costs = args.engine_costs or os.path.join(e3_dir(model_dir), ENGINE_COSTS_FILENAME)
+    if os.path.isfile(engine_costs):
+        ecosts = load_engine_costs(engine_costs)
+        workload = {"requests": args.requests or 3 * args.batch, "prompt_len": args.prompt_len,
+                    "output_len": args.output_len}
+        print(f"[vllm-e3 plan] simulating {workload} with the engine costs in {engine_costs}",
+              file=sys.stderr)
+        result = plan_simulated(ecosts, exits, fractions, args.batch, args.slots, workload,
+                                policies, cfg.max_park_steps, max_tpot, cfg.park_when)
+        print(f"plan: policy {result['policy']}, exits {result['exits']}, target batch "
+              f"{result['target_batch']}, simulated {result['sim']['tok_s']:.1f} tok/s against "
+              f"full's {result['full_sim']['tok_s']:.1f} (cost {result['relative_cost']:.3f} of full)")
+    else:
+        import torch
+
+        print(f"[vllm-e3 plan] timing stages on this machine ({args.dtype}) ...", file=sys.stderr)
+        costs = measure_costs(model_dir, dtype=getattr(torch, args.dtype))
+        measure = args.confidence or cfg.confidence
+        result = plan(costs, exits, fractions, args.batch, measure, args.slots, policies,
+                      cfg.max_park_steps, max_tpot)
+        lay = costs["layer"]
+        print(f"decoder layer, ms per token by batch: " +
+              ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
+        dec = costs["decision_per_row"].get(measure, 0.0)
+        print(f"decision per row ({measure}): {dec*1e3:.4f} ms = {dec / (lay[64] / 64):.2f} layers; "
+              f"fill per row-layer {costs['fill_per_row_layer'] / (lay[64] / 64):.2f} layers")
+        print(f"plan: policy {result['policy']}, exits {result['exits']}, target batch "
+              f"{result['target_batch']}, modelled cost {result['relative_cost']:.3f} of full"
+              + (f" (same exits: token {result['token_cost_same_exits']:.3f}, e3 {result['e3_cost_same_exits']:.3f})"
+                 if result["exits"] else ""))
     if result["policy"] == "e3":
         print(f"modelled TPOT {result['tpot_vs_token']:.2f}x token's"
               + (f" (bound {max_tpot:.2f}x)" if max_tpot is not None else ""))
@@ -372,7 +448,7 @@ def startup_plan(cfg, model_dir: str, vllm_config):
 
     import torch
 
-    from .config import E3ConfigError
+    from .config import E3ConfigError, e3_dir
 
     log = logging.getLogger("vllm.e3")
     if cfg.policy == "full" or not cfg.exits:
@@ -387,12 +463,30 @@ def startup_plan(cfg, model_dir: str, vllm_config):
     batch = getattr(sc, "max_num_active_seqs", None) or sc.max_num_seqs
     dtype = vllm_config.model_config.dtype
     t0 = time.perf_counter()
-    costs = measure_costs(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None)
     measure = "forced" if cfg.force_exit else cfg.confidence
     can_park = e3_can_park(batch, sc.max_num_seqs, cfg.park_when)
     policies = ("token", "e3") if cfg.policy == "e3" and can_park else ("token",)
-    best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
-                cfg.max_park_steps, cfg.max_tpot_ratio)
+    path = os.path.join(e3_dir(model_dir), ENGINE_COSTS_FILENAME)
+    ecosts = load_engine_costs(path) if os.path.isfile(path) else None
+    if ecosts is not None:
+        from vllm.config import CompilationMode
+
+        compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+    if ecosts is not None and ecosts.get("compiled", True) != compiled:
+        log.info("vllm-e3 plan: %s was measured %s, this engine runs %s: planning with the closed "
+                 "form instead", path, "compiled" if ecosts.get("compiled", True) else "eager",
+                 "compiled" if compiled else "eager")
+        ecosts = None
+    if ecosts is not None:       # the engine's measured costs, simulated (vllm-e3 profile)
+        workload = ecosts.get("workload") or {"requests": 3 * batch, "prompt_len": 64,
+                                              "output_len": 128}
+        best = plan_simulated(ecosts, can_fire, fractions, batch, sc.max_num_seqs, workload,
+                              policies, cfg.max_park_steps, cfg.max_tpot_ratio, cfg.park_when)
+        measure = f"{measure}, simulated with {ENGINE_COSTS_FILENAME}"
+    else:
+        costs = measure_costs(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
+                    cfg.max_park_steps, cfg.max_tpot_ratio)
     if best["policy"] == "full":
         exits = ()
     else:
@@ -428,6 +522,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tpot-ratio", type=float, default=None,
                    help="choose e3 only if its modelled TPOT is at most this many times token's "
                         "(default: the E3 config's max_tpot_ratio)")
+    p.add_argument("--engine-costs", default=None,
+                   help="engine costs measured by `vllm-e3 profile` (default: e3/engine_costs.json "
+                        "when it exists): plan by simulating the engine instead of the closed form")
+    p.add_argument("--requests", type=int, default=None,
+                   help="with engine costs: requests in the simulated workload (default 3 x --batch)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--write", action="store_true", help="write the plan into e3/config.json")
     p.set_defaults(func=main)
     return p

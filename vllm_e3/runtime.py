@@ -14,7 +14,9 @@ model through the step context (`vllm_e3.step.StepContext.runtime`):
              (`e3_parked_req_ids`), and the scheduler rolls back exactly those;
 - `counters` per-request exit counters of running requests and the bounded
              LRU of finished ones (`RequestCounters`);
-- `stats`    the engine's exit counters (`vllm_e3.exits.ExitStats`, /metrics).
+- `stats`    the engine's exit counters (`vllm_e3.exits.ExitStats`, /metrics);
+- `profile`  per-step timings when asked for (`vllm_e3.profile.StepProfile`,
+             None otherwise): the costs the planner's simulation fits.
 
 The per-step hand-offs (which rows' requests park this step, so get no
 logits and no token) live on the step context, which lasts one
@@ -27,6 +29,7 @@ from typing import Any
 
 from .exits import ExitStats, Parked, RequestExitStats
 from .knobs import FULL_RULES, RequestRules, resolve_rules
+from .profile import StepProfile
 
 
 class AdmittedRequests:
@@ -109,6 +112,7 @@ class E3Runtime:
         self.parking = ParkingLot()
         self.counters = RequestCounters()
         self.stats = ExitStats()
+        self.profile: StepProfile | None = None
 
     def admit(self, req_id: str, extra: dict[str, Any] | None, cfg, table) -> None:
         self.rules.admit(req_id, extra, cfg, table)

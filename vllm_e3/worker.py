@@ -78,8 +78,13 @@ class E3CPUModelRunner(CPUModelRunner):
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._e3_common.clear()
         ctx = StepContext(self.e3_runtime, refill=getattr(scheduler_output, "e3_refill", True))
+        prof = self.e3_runtime.profile            # per-step timings, when asked for
+        if prof is not None:
+            prof.begin()
         with step_context(ctx):
             out = super().execute_model(scheduler_output, *args, **kwargs)
+        if prof is not None:
+            prof.end()
         self._e3_parked = ctx.parked_req_ids
         self._e3_heap.maybe()
         return out
@@ -184,6 +189,26 @@ class E3CPUWorker(CPUWorker):
         rt = self._e3_runtime()
         return rt.live_state() if rt is not None else {"parked_now": 0, "requests_tracked": 0,
                                                        "requests_admitted": 0}
+
+    def e3_kv_cache(self) -> dict:
+        """The runner's KV cache: blocks and tokens per block (what the
+        planner's simulation hands out, vllm_e3.simulate)."""
+        runner = self.model_runner
+        return {"blocks": runner.kv_cache_config.num_blocks,
+                "block_size": runner.cache_config.block_size}
+
+    def e3_profile(self, on: bool = True) -> None:
+        """Start (clearing earlier records) or stop per-step timing (vllm_e3.profile)."""
+        from .profile import StepProfile
+
+        rt = self._e3_runtime()
+        if rt is not None:
+            rt.profile = StepProfile() if on else None
+
+    def e3_profile_steps(self) -> list[dict]:
+        """The recorded steps (vllm_e3.profile.fit_costs reads them)."""
+        rt = self._e3_runtime()
+        return list(rt.profile.steps) if rt is not None and rt.profile is not None else []
 
     def e3_reset_exit_stats(self) -> None:
         rt = self._e3_runtime()

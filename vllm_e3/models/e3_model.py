@@ -33,6 +33,7 @@ from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, 
 from ..exits import ExitPlan, forced_exit_mask
 from ..knobs import CalibrationTable
 from ..kernels import exit_confidence, gate_confidence
+from ..profile import timed
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
 from .loop import StageLoop
@@ -138,10 +139,13 @@ class E3CausalLMMixin:
         model) for nothing."""
         step = current_step()
         skip = step.no_logits if step is not None else None
+        prof = step.runtime.profile if step is not None and step.runtime is not None else None
         if skip is None or hidden_states.shape[0] != skip.numel():
-            return super().compute_logits(hidden_states)
+            with timed(prof, "head", hidden_states.shape[0]):
+                return super().compute_logits(hidden_states)
         keep = (~skip).nonzero().squeeze(1)
-        part = super().compute_logits(hidden_states[keep])
+        with timed(prof, "head", int(keep.numel())):
+            part = super().compute_logits(hidden_states[keep])
         if part is None:
             return None
         logits = part.new_zeros(hidden_states.shape[0], part.shape[1])

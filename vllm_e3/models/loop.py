@@ -23,6 +23,7 @@ import torch
 
 from ..exits import Active, ExitPlan, Parked, RowLayout, kv_fill_layer
 from ..kernels import compact
+from ..profile import timed
 
 
 class StageLoop:
@@ -33,6 +34,7 @@ class StageLoop:
         self.step = step                    # vllm_e3.step.StepContext
         self.rt = step.runtime              # vllm_e3.runtime.E3Runtime
         self.stats = step.runtime.stats
+        self.prof = step.runtime.profile    # vllm_e3.profile.StepProfile, or None
         self.fc = fc
         self.view = view                    # vllm_e3.attention.AttentionView
 
@@ -73,7 +75,8 @@ class StageLoop:
                     self.view.restrict(act.rows, torch.unique_consecutive(layout.req_of_row[act.rows]))
                     restricted = False
                 # compiled stage on the m >= 1 active rows: [m] positions, [m, d] states
-                act.h, act.residual = self.model.e3_stages[start](act.positions, act.h, act.residual)
+                with timed(self.prof, "stage", start, end, act.rows.numel()):
+                    act.h, act.residual = self.model.e3_stages[start](act.positions, act.h, act.residual)
                 n_dec = int(plan.decode[act.rows].sum())
                 stats.layers_run += n_dec * (end - start)
                 if n_dec:  # batch sizes a stage ran at, counted in decode tokens
@@ -81,11 +84,12 @@ class StageLoop:
                     stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
                 if end == self.L:
                     break
-                act, gone = self._exit(end, act, out)
-                restricted |= gone
-                if act.rows.numel() and self._should_park(end, act, resume):
-                    parked_rows.append(self._park(end, act, resume))
-                    act = act.take(act.rows[:0])
+                with timed(self.prof, "exit"):
+                    act, gone = self._exit(end, act, out)
+                    restricted |= gone
+                    if act.rows.numel() and self._should_park(end, act, resume):
+                        parked_rows.append(self._park(end, act, resume))
+                        act = act.take(act.rows[:0])
             if act.rows.numel():
                 out[act.rows] = backbone.norm(act.h, act.residual)[0]
                 self._record_waits(act.waited)
@@ -103,7 +107,12 @@ class StageLoop:
         fill = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in self.exited]
         fill = [g for g in fill if g[1].numel()]
         if fill:
-            self._kv_fill(fill)
+            with timed(self.prof, "fill", sum(int(g[1].numel()) * (self.L - g[0]) for g in fill)):
+                self._kv_fill(fill)
+        if self.prof is not None and self.prof.cur is not None:
+            cur = self.prof.cur
+            cur["reqs"], cur["rows"], cur["parked"] = num_reqs, layout.num_rows, int(parked.numel())
+            cur["prompt_rows"] = layout.num_rows - int(layout.decode_row.sum())
         return out
 
     # ---- exits ---------------------------------------------------------
