@@ -127,6 +127,82 @@ def kv_fill_layer(layer, x: torch.Tensor, positions: torch.Tensor, slots: torch.
     )
 
 
+class StackedKVFill:
+    """The KV fill of every skipped layer at once, where the layers allow it:
+    one RMSNorm statistic per row (every skipped layer reads the same
+    pre-ramp state), one batched K/V projection over the stacked weights of
+    layers `first..L-1`, one RoPE call over all those layers' K heads, then
+    the backend's cache write per layer (rows sorted by exit, so the rows a
+    layer needs are a prefix). The per-layer path (`kv_fill_layer`) costs a
+    norm, a projection, a RoPE and a write per layer; on this model's small
+    decode groups those fixed costs dominate.
+
+    The arithmetic is RMSNorm's own (float32 statistic, x * rsqrt(mean(x^2) +
+    eps), then the weight) and the layer's K/V rows of qkv_proj."""
+
+    def __init__(self, layers, kv_weights, first: int):
+        attn0 = layers[first].self_attn
+        self.first, self.kv_size = first, attn0.kv_size
+        self.rotary = attn0.rotary_emb
+        self.eps = float(layers[first].input_layernorm.variance_epsilon)
+        self.norm_w = torch.stack([layers[l].input_layernorm.weight.detach()
+                                   for l in range(first, len(layers))])           # [n, d]
+        self.w = torch.stack([kv_weights[l][0] for l in range(first, len(layers))])  # [n, 2kv, d]
+        biases = [kv_weights[l][1] for l in range(first, len(layers))]
+        self.b = None if biases[0] is None else torch.stack(biases)[:, None, :]  # [n, 1, 2kv]
+
+    @classmethod
+    def build(cls, layers, kv_weights, first: int) -> "StackedKVFill | None":
+        """None where a layer needs the per-layer path: a quantized or packed
+        projection, K normalisation (Qwen3), a norm other than plain RMSNorm,
+        or layers with different RoPE or epsilon."""
+        rng = range(first, len(layers))
+        if not rng or any(kv_weights[l] is None for l in rng):
+            return None
+        a0, n0 = layers[first].self_attn, layers[first].input_layernorm
+        for l in rng:
+            a, n = layers[l].self_attn, layers[l].input_layernorm
+            if (hasattr(a, "k_norm") or a.rotary_emb is not a0.rotary_emb or type(n) is not type(n0)
+                    or getattr(n, "variance_epsilon", None) != getattr(n0, "variance_epsilon", None)
+                    or getattr(n, "weight", None) is None or type(n).__name__ != "RMSNorm"
+                    or (kv_weights[l][1] is None) != (kv_weights[first][1] is None)):
+                return None
+        return cls(layers, kv_weights, first)
+
+    def fill(self, layers, slot_mapping, groups) -> int:
+        """groups: (exit e >= first, forward rows, pre-ramp state [m, d],
+        positions [m]) in ascending e. Writes layers e..L-1 of each group's
+        rows; returns the row-layers written."""
+        x = torch.cat([g[2] for g in groups])
+        pos = torch.cat([g[3] for g in groups])
+        rows = torch.cat([g[1] for g in groups])
+        exit_of = torch.cat([torch.full((g[1].numel(),), g[0], dtype=torch.long) for g in groups])
+        e0, m = groups[0][0], x.shape[0]
+        j0 = e0 - self.first
+        xf = x.float()
+        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        h = xhat[None] * self.norm_w[j0:, None, :]                      # [n, m, d]
+        kv = torch.bmm(h, self.w[j0:].transpose(1, 2))                   # [n, m, 2kv]
+        if self.b is not None:
+            kv = kv + self.b[j0:]
+        n = kv.shape[0]
+        k = kv[..., :self.kv_size].transpose(0, 1).reshape(m, n * self.kv_size)
+        k, _ = self.rotary(pos, k, None)          # every layer's K heads, one call
+        k = k.view(m, n, self.kv_size)
+        v = kv[..., self.kv_size:]
+        done = 0
+        for j in range(n):
+            l = e0 + j
+            cnt = int((exit_of <= l).sum())
+            a = layers[l].self_attn.attn
+            a.impl.do_kv_cache_update(
+                a, k[:cnt, j].contiguous().view(cnt, a.num_kv_heads, a.head_size),
+                v[j, :cnt].contiguous().view(cnt, a.num_kv_heads, a.head_size), a.kv_cache,
+                slot_mapping[a.layer_name][rows[:cnt]])
+            done += cnt
+        return done
+
+
 @dataclass
 class Active:
     """The rows running the current stage, compacted, in forward-row order."""

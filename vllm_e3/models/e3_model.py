@@ -30,7 +30,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..attention import AttentionView
 from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
-from ..exits import ExitPlan, forced_exit_mask
+from ..exits import ExitPlan, StackedKVFill, forced_exit_mask
 from ..knobs import CalibrationTable
 from ..kernels import exit_confidence, gate_confidence
 from ..profile import timed
@@ -109,6 +109,16 @@ class E3CausalLMMixin:
             b = getattr(proj, "bias", None)
             self.e3_kv_weights.append((w[attn.q_size:].detach().clone(),
                                        None if b is None else b[attn.q_size:].detach().clone()))
+        # every skipped layer filled at once where the layers allow it
+        # (vllm_e3.exits.StackedKVFill); the per-layer weights become views of it
+        first = min((e for e in self.e3.exits if e > 0), default=None) if self.e3.exits_active else None
+        self.e3_kv_stack = (StackedKVFill.build(self.model.layers, self.e3_kv_weights, first)
+                            if first is not None else None)
+        if self.e3_kv_stack is not None:
+            st = self.e3_kv_stack
+            for j in range(st.w.shape[0]):
+                b = None if st.b is None else st.b[j, 0]
+                self.e3_kv_weights[st.first + j] = (st.w[j], b)
 
     # ---- forward -------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):

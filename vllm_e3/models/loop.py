@@ -232,9 +232,14 @@ class StageLoop:
 
     def _kv_fill(self, groups) -> None:
         """KV fill for every layer each exited group skipped; at layer l the
-        groups that exited at e <= l are filled together, in one batch."""
+        groups that exited at e <= l are filled together, in one batch; all
+        layers at once where the model allows (vllm_e3.exits.StackedKVFill)."""
         layers, kv_weights = self.model.model.layers, self.model.e3_kv_weights
         pending = sorted(groups, key=lambda g: g[0])
+        stack = self.model.e3_kv_stack
+        if stack is not None and pending[0][0] >= stack.first:
+            self.stats.kv_fill_rows += stack.fill(layers, self.fc.slot_mapping, pending)
+            return
         states, pos, rows = [], [], []
         for l in range(pending[0][0], self.L):
             if pending and pending[0][0] <= l:
