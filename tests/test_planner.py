@@ -183,3 +183,30 @@ def test_plan_at_engine_start(model_dir):
         assert llm.collective_rpc("e3_exit_stats")[0]["steps"] == 0
     finally:
         free_engine(llm)
+
+
+def test_profile_cli_then_plan_simulates(model_dir, tmp_path):
+    """`vllm-e3 profile` runs an engine under token with the config's exits,
+    writes the costs it measured (layer time at the row counts its sweep ran,
+    exit boundary, fill, head, the rest of a step), and `vllm-e3 plan` then
+    plans by simulating them."""
+    from vllm_e3.prepare import model_view
+
+    d = model_view(model_dir, str(tmp_path / "m"))
+    os.makedirs(os.path.join(d, "e3"))
+    with open(os.path.join(d, "e3", "config.json"), "w") as f:
+        json.dump({"policy": "e3", "exits": [8, 15, 22],
+                   "force_exit": {"8": 0.3, "15": 0.357, "22": 0.444}}, f)
+    prof = subprocess.run([sys.executable, "-m", "vllm_e3.cli", "profile", d, "--batch", "8",
+                           "--requests", "8", "--output-len", "16", "--enforce-eager"],
+                          capture_output=True, text=True, timeout=900)
+    assert prof.returncode == 0, prof.stderr[-3000:]
+    costs = json.load(open(os.path.join(d, "e3", "engine_costs.json")))
+    assert {1, 2, 4, 8} <= {int(m) for m in costs["layer"]}      # the sweep's closed batches
+    assert all(costs[k] > 0 for k in ("exit_s", "fill_s", "head_s"))
+    assert costs["compiled"] is False and costs["workload"]["requests"] == 8
+    plan = subprocess.run([sys.executable, "-m", "vllm_e3.cli", "plan", d, "--batch", "8",
+                           "--slots", "16", "--requests", "24", "--output-len", "32"],
+                          capture_output=True, text=True, timeout=600)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "simulating" in plan.stderr and "simulated" in plan.stdout
