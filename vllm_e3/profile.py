@@ -80,6 +80,11 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else 0.0
 
 
+def _timed(st: dict) -> float:
+    """Seconds of a step's record inside the timed pieces."""
+    return sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
+
+
 def fit_costs(steps: list[dict], num_layers: int) -> dict:
     """Engine costs for vllm_e3.simulate from step records:
 
@@ -104,7 +109,7 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
     acc: dict[int, list[float]] = {}
     exit_t, fill, head, rest, prefill = [], [0, 0.0], [0, 0.0], [], []
     for st in steps:
-        timed_s = sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
+        timed_s = _timed(st)
         exit_t += st["exits"]
         fill[0] += st["fill"][0]; fill[1] += st["fill"][1]
         head[0] += st["head"][0]; head[1] += st["head"][1]
@@ -143,7 +148,7 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
             p_tl[0] += p
             p_tl[1] += dt / (end - start) - (_layer_time(layer, m - p) if m > p else 0.0)
         if "period" in st:
-            timed_s = sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
+            timed_s = _timed(st)
             extra = st["period"] - timed_s - (step_s + row_s * st["reqs"])
             if extra <= cut * 10:
                 p_rest[0] += p
