@@ -6,7 +6,7 @@ import pytest
 
 from vllm_e3.planner import plan_simulated
 from vllm_e3.profile import StepProfile, fit_costs
-from vllm_e3.simulate import _layer_time, rates_of, simulate_once
+from vllm_e3.simulate import layer_curve, rates_of, simulate_once
 
 # every cost a different power of ten, so each sum below names its parts
 COSTS = {"num_layers": 4, "layer": {1: 0.001, 2: 0.002}, "prompt_s": 0.01, "exit_s": 0.1,
@@ -45,10 +45,10 @@ def test_e3_parks_and_the_scheduler_admits_past_the_cap():
 
 
 def test_layer_time_between_and_beyond_measured_rows():
-    layer = {1: 1.0, 2: 2.0, 4: 3.0, 8: 5.0}
-    assert _layer_time(layer, 3) == pytest.approx(2.5)
+    layer = layer_curve({1: 1.0, 2: 2.0, 4: 3.0, 8: 5.0})
+    assert layer(3) == pytest.approx(2.5) and layer(4) == 3.0 and layer(0) == 1.0
     # beyond 8: the least-squares line through rows 4 and 8 (slope 0.5)
-    assert _layer_time(layer, 12) == pytest.approx(7.0)
+    assert layer(12) == pytest.approx(7.0)
 
 
 def test_rates_from_fractions():

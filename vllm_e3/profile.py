@@ -104,7 +104,7 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
                    is not measured
     prompt_rest_s  the rest of a prefill step beyond that, per prompt token
     """
-    from .simulate import _layer_time
+    from .simulate import layer_curve
 
     acc: dict[int, list[float]] = {}
     exit_t, fill, head, rest, prefill = [], [0, 0.0], [0, 0.0], [], []
@@ -142,11 +142,12 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
     else:
         row_s, step_s = 0.0, _median([y for _, y in keep])
     p_tl, p_rest = [0, 0.0], [0, 0.0]
+    decode_layer = layer_curve(layer) if layer else None
     for st in prefill if layer else ():
         p = st["prompt_rows"]
         for start, end, m, dt in st["stages"]:
             p_tl[0] += p
-            p_tl[1] += dt / (end - start) - (_layer_time(layer, m - p) if m > p else 0.0)
+            p_tl[1] += dt / (end - start) - (decode_layer(m - p) if m > p else 0.0)
         if "period" in st:
             timed_s = _timed(st)
             extra = st["period"] - timed_s - (step_s + row_s * st["reqs"])

@@ -38,30 +38,38 @@ groups as the engine does; `simulate` averages `seeds` runs.
 """
 from __future__ import annotations
 
+import bisect
 import random
 from collections import deque
 
 
-def _layer_time(layer: dict, m: int) -> float:
-    """Seconds of one decoder layer on m rows: linear between measured row
-    counts; beyond the largest, the least-squares line through the upper
-    half of them (a layer's cost is affine in its rows over a range: a fixed
-    part, weights read once, and a part per row)."""
-    keys = sorted(int(k) for k in layer)
+def layer_curve(layer: dict):
+    """Seconds of one decoder layer on m rows, as a function of m: linear
+    between measured row counts; beyond the largest, the least-squares line
+    through the upper half of them (a layer's cost is affine in its rows over
+    a range: a fixed part, weights read once, and a part per row)."""
     val = {int(k): float(v) for k, v in layer.items()}
-    if m in val:
-        return val[m]
-    if m <= keys[0]:
-        return val[keys[0]]
-    for lo, hi in zip(keys, keys[1:]):
-        if m < hi:
-            return val[lo] + (val[hi] - val[lo]) * (m - lo) / (hi - lo)
+    keys = sorted(val)
     top = [k for k in keys if k >= keys[-1] / 2]
-    if len(top) < 2:
-        return val[keys[-1]] * m / keys[-1]
-    mx, my = sum(top) / len(top), sum(val[k] for k in top) / len(top)
-    slope = sum((k - mx) * (val[k] - my) for k in top) / sum((k - mx) ** 2 for k in top)
-    return val[keys[-1]] + max(slope, 0.0) * (m - keys[-1])
+    if len(top) >= 2:
+        mx, my = sum(top) / len(top), sum(val[k] for k in top) / len(top)
+        slope = max(0.0, sum((k - mx) * (val[k] - my) for k in top)
+                    / sum((k - mx) ** 2 for k in top))
+    else:
+        slope = val[keys[-1]] / keys[-1]
+
+    def at(m: int) -> float:
+        if m in val:
+            return val[m]
+        if m <= keys[0]:
+            return val[keys[0]]
+        if m > keys[-1]:
+            return val[keys[-1]] + slope * (m - keys[-1])
+        i = bisect.bisect_left(keys, m)
+        lo, hi = keys[i - 1], keys[i]
+        return val[lo] + (val[hi] - val[lo]) * (m - lo) / (hi - lo)
+
+    return at
 
 
 def smooth_layer(layer: dict, width: int = 2) -> dict:
@@ -80,7 +88,7 @@ def simulate_once(costs: dict, *, policy: str, exits, rates: dict, batch: int, s
                   token_budget: int = 1 << 30) -> dict:
     rng = random.Random(seed)
     L = costs["num_layers"]
-    layer = costs["layer"]
+    layer = layer_curve(costs["layer"])
     exits = list(exits) if policy != "full" else []
     bounds = [0, *exits, L]
     tgt = dict(zip(exits, target if isinstance(target, (list, tuple)) else [target] * len(exits)))
@@ -142,7 +150,7 @@ def simulate_once(costs: dict, *, policy: str, exits, rates: dict, batch: int, s
             act += join.pop(s, [])
             if not act and not prompt_rows:
                 continue
-            cost += (e - s) * ((_layer_time(layer, len(act)) if act else 0.0)
+            cost += (e - s) * ((layer(len(act)) if act else 0.0)
                                + prompt_rows * costs.get("prompt_s", 0.0))
             if act:
                 stage_rows.setdefault(s, []).append(len(act))
