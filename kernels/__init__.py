@@ -8,11 +8,13 @@ Glossary
   threshold    per-row fp32; a row exits when confidence >= threshold (+inf: never).
   keep mask    [n] bool, rows that do NOT exit and continue to the next stage.
   compaction   stable partition of rows by the keep mask: continuing rows first.
+  shortlist    optional `index` [K] of vocabulary ids: max_prob / margin over those
+               K head rows only (argmax reported as a vocabulary id).
 
 Ops (one name across kernel, test and benchmark):
-  exit_confidence(hidden, weight, threshold, measure)  kernels/exit_confidence.py
+  exit_confidence(hidden, weight, threshold, measure, index=None)  kernels/exit_confidence.py
   gate_confidence(hidden, gate_weight, gate_bias, threshold)
-  compact(keep, hidden, residual, positions)         kernels/compact.py
+  compact(keep, hidden, residual, positions)                       kernels/compact.py
 Each has `<op>_ref` (torch reference) and `<op>_triton` (launcher); `dispatch.py`
 picks between them (`VLLM_E3_KERNELS` = auto | torch | triton).
 """

@@ -48,10 +48,11 @@ def exit_confidence(
     weight: torch.Tensor,  # [V, d] shared LM head
     threshold: torch.Tensor,  # [n] fp32, +inf = never exit
     measure: str = "max_prob",  # "max_prob" | "margin"
+    index: torch.Tensor | None = None,  # [K] int32 | int64 shortlist of vocabulary ids
 ) -> ExitConfidence:
     if use_triton(hidden.device):
-        return exit_confidence_triton(hidden, weight, threshold, measure)
-    return exit_confidence_torch(hidden, weight, threshold, measure)
+        return exit_confidence_triton(hidden, weight, threshold, measure, index=index)
+    return exit_confidence_torch(hidden, weight, threshold, measure, index=index)
 
 
 def gate_confidence(

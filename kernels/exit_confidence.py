@@ -31,6 +31,23 @@ Layout ("swap AB", the small-M GEMM trick of CUTLASS / TensorRT-LLM): each tile 
 W_tile [BLOCK_V, K] @ H^T [K, BLOCK_N], so the vocabulary is the MMA's wide M side
 and the few tokens its narrow N side (>= 16).
 
+Shortlist (optional `index` [K], 1-D int32 | int64 vocabulary ids, any order, no
+duplicates, 1 <= K <= V, each in [0, V): unchecked, as a host check would sync). The
+same statistics over the K rows w_{index[j]} only:
+
+    z_j = h_i . w_{index[j]}  (j < K)      softmax, p1 and p1 - p2 over these K logits
+    argmax = index[a],  a = min{j : z_j = l1}
+
+Ties resolve to the lowest position in the index, which for a sorted index is the
+lowest token id. Why (bytes): the K rows that carry most of the model's output mass
+approximate the full-vocabulary max-prob at K/V of the head's bytes and FLOPs; the
+full head of the embedded 576 x 49152 model costs ~6-8 decoder layers per check, a
+shortlist of K = 4096 rows about half of one. The kernel walks positions
+j = 0..K-1 in tiles exactly as it walks the vocabulary without an index, and gathers
+each row pointer through the index (weight_ptr + index[j] * stride_wv): it reads
+those K rows of the head and never a per-call copy of weight[index]. A gathered row
+is still contiguous along d, so the loads stay as coalesced as the plain walk.
+
 Two launches: `_exit_confidence_kernel` (grid: row tiles x vocabulary splits) writes
 per-split statistics; `_exit_confidence_reduce_kernel` merges the splits, applies the
 measure and the per-row thresholds. Neither syncs with the host, `n` is not
@@ -53,7 +70,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class ExitConfidence:
     confidence: torch.Tensor  # [n] fp32, the chosen measure
-    argmax: torch.Tensor | None  # [n] int64, top-1 token id (lowest on ties); None for a gate
+    argmax: torch.Tensor | None  # [n] int64, top-1 token id (lowest on ties*); None for a gate
+    # * with a shortlist: the id at the lowest tied position in the index
     exit_mask: torch.Tensor  # [n] bool, confidence >= threshold
 
 
@@ -61,21 +79,24 @@ class ExitConfidence:
 def _exit_confidence_kernel(
     hidden_ptr,  # [n, d] fp32 | bf16 | fp16, any strides
     weight_ptr,  # [V, d] fp32 | bf16 | fp16, any strides
+    index_ptr,  # [K] int32 | int64 shortlist of weight rows; None without HAS_INDEX
     part_m1_ptr,  # [S, n] fp32, running max
     part_m2_ptr,  # [S, n] fp32, running second max
     part_s_ptr,  # [S, n] fp32, sum of exp(z - m1)
-    part_a_ptr,  # [S, n] int32, argmax
+    part_a_ptr,  # [S, n] int32, argmax (a position in the index with HAS_INDEX)
     n,
     d,
-    V,
+    V,  # rows walked: the vocabulary, or the K shortlist positions with HAS_INDEX
     tiles_per_split,
     stride_hn,
     stride_hd,
     stride_wv,
     stride_wd,
+    stride_i,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only, see below
 ):
     pid_n = tl.program_id(0)
@@ -97,13 +118,18 @@ def _exit_confidence_kernel(
         v0 = (first_tile + t) * BLOCK_V
         vs = v0 + offs_v
         v_mask = vs < V
+        if HAS_INDEX:
+            # The tile's head rows, gathered once per tile (not per K step).
+            w_rows = tl.load(index_ptr + vs * stride_i, mask=v_mask, other=0).to(tl.int64)
+        else:
+            w_rows = vs.to(tl.int64)
         acc = tl.zeros([BLOCK_V, BLOCK_N], tl.float32)  # logits^T of this tile
         for k0 in range(0, d, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < d
             w = tl.load(
                 # int64 row offsets: V * d can pass 2^31 elements (e.g. 256K x 8192)
-                weight_ptr + vs.to(tl.int64)[:, None] * stride_wv + ks[None, :] * stride_wd,
+                weight_ptr + w_rows[:, None] * stride_wv + ks[None, :] * stride_wd,
                 mask=v_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )  # [BLOCK_V, BLOCK_K]
@@ -145,13 +171,16 @@ def _exit_confidence_reduce_kernel(
     part_m2_ptr,  # [S, n] fp32
     part_s_ptr,  # [S, n] fp32
     part_a_ptr,  # [S, n] int32
+    index_ptr,  # [K] int32 | int64 shortlist; None without HAS_INDEX
     threshold_ptr,  # [n] fp32
     confidence_ptr,  # [n] fp32 out
     argmax_ptr,  # [n] int64 out
     exit_mask_ptr,  # [n] uint8 out (a bool tensor viewed as bytes)
     n,
     num_splits,
+    stride_i,
     MEASURE: tl.constexpr,  # 0: max_prob, 1: margin
+    HAS_INDEX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -192,9 +221,16 @@ def _exit_confidence_reduce_kernel(
         confidence = p1
     else:
         confidence = p1 - tl.exp(m2 - m1) * p1
+    if HAS_INDEX:
+        # Position -> vocabulary id here rather than in the main kernel: one load per
+        # row instead of one per split and row, and both kernels break ties in
+        # position order (tiles and splits ascend in j), which is the order promised.
+        token = tl.load(index_ptr + a * stride_i, mask=row_mask, other=0).to(tl.int64)
+    else:
+        token = a.to(tl.int64)
     threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=float("inf"))
     tl.store(confidence_ptr + rows, confidence, mask=row_mask)
-    tl.store(argmax_ptr + rows, a.to(tl.int64), mask=row_mask)
+    tl.store(argmax_ptr + rows, token, mask=row_mask)
     tl.store(exit_mask_ptr + rows, (confidence >= threshold).to(tl.uint8), mask=row_mask)
 
 
@@ -223,15 +259,24 @@ def _default_config(n: int, d: int, device: torch.device) -> dict:
     return dict(block_n=128, block_v=128, block_k=64, splits_per_sm=1, num_warps=8, num_stages=3)
 
 
+def _check_index(index: torch.Tensor, V: int, device: torch.device) -> None:
+    """Shape, dtype and device only: the ids' range would need a host sync."""
+    assert index.ndim == 1 and index.dtype in (torch.int32, torch.int64), (index.shape, index.dtype)
+    assert 1 <= index.shape[0] <= V, f"shortlist of {index.shape[0]} rows for a vocabulary of {V}"
+    assert index.device == device, (index.device, device)
+
+
 def exit_confidence_triton(
     hidden: torch.Tensor,  # [n, d] fp32 | bf16 | fp16, final-normed ramp output
     weight: torch.Tensor,  # [V, d] LM head
     threshold: torch.Tensor,  # [n] fp32, +inf = never exit
     measure: str = "max_prob",
+    index: torch.Tensor | None = None,  # [K] int32 | int64 shortlist of vocabulary ids
     **config,
 ) -> ExitConfidence:
     """Launch the fused kernels. `config` overrides the tile choice (benchmarks, tests):
-    block_n, block_v, block_k, num_splits or splits_per_sm, num_warps, num_stages."""
+    block_n, block_v, block_k, num_splits or splits_per_sm, num_warps, num_stages.
+    With `index`, the tiles and splits are over its K positions (see the module doc)."""
     assert measure in MEASURES, f"measure must be one of {MEASURES}, got {measure!r}"
     assert hidden.ndim == 2 and weight.ndim == 2, (hidden.shape, weight.shape)
     n, d = hidden.shape
@@ -241,6 +286,9 @@ def exit_confidence_triton(
     assert threshold.shape == (n,) and threshold.dtype == torch.float32, (threshold.shape, threshold.dtype)
     assert hidden.device == weight.device == threshold.device
     assert V >= 1 and d >= 1
+    if index is not None:
+        _check_index(index, V, weight.device)
+        V = index.shape[0]  # from here on: the rows walked
     threshold = threshold.contiguous()
     device = hidden.device
     confidence = torch.empty(n, dtype=torch.float32, device=device)
@@ -264,20 +312,23 @@ def exit_confidence_triton(
     part_m2 = torch.empty_like(part_m1)
     part_s = torch.empty_like(part_m1)
     part_a = torch.empty(num_splits, n, dtype=torch.int32, device=device)
+    stride_i = index.stride(0) if index is not None else 0
     # Row tiles vary fastest, so the programs sharing a vocabulary slice run
     # together and read the head from HBM once (the others hit L2).
     for_device(_exit_confidence_kernel, device)[(num_row_tiles, num_splits)](
-        hidden, weight, part_m1, part_m2, part_s, part_a,
+        hidden, weight, index, part_m1, part_m2, part_s, part_a,
         n, d, V, tiles_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=cfg["block_k"], DOT_FP32=device.type == "cpu",
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), stride_i,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=cfg["block_k"], HAS_INDEX=index is not None,
+        DOT_FP32=device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     reduce_n = 32
     for_device(_exit_confidence_reduce_kernel, device)[(triton.cdiv(n, reduce_n),)](
-        part_m1, part_m2, part_s, part_a, threshold, confidence, argmax, exit_mask.view(torch.uint8),
-        n, num_splits,
-        MEASURE=MEASURES.index(measure), BLOCK_N=reduce_n, BLOCK_S=64, num_warps=4,
+        part_m1, part_m2, part_s, part_a, index, threshold, confidence, argmax,
+        exit_mask.view(torch.uint8), n, num_splits, stride_i,
+        MEASURE=MEASURES.index(measure), HAS_INDEX=index is not None, BLOCK_N=reduce_n, BLOCK_S=64,
+        num_warps=4,
     )
     return ExitConfidence(confidence, argmax, exit_mask)
 
@@ -305,15 +356,29 @@ def exit_confidence_torch(
     weight: torch.Tensor,  # [V, d]
     threshold: torch.Tensor,  # [n] fp32
     measure: str = "max_prob",
+    index: torch.Tensor | None = None,  # [K] int32 | int64 shortlist of vocabulary ids
 ) -> ExitConfidence:
     """The dispatcher's torch path: logits in the head's own dtype (never a per-call
     copy of the head), softmax statistics in fp32. bf16 logits (spacing 2^-8 relative)
     move probabilities by a few percent at |logit| ~ 10 and can swap near-tied top-1
     candidates, as vLLM's own bf16 logits would. A caller may pass a cached fp32 head
     (hidden is cast to the head's dtype): exact, and on CPUs without native bf16
-    (AVX2) faster too; see benchmarks/RESULTS_kernels.md."""
-    logits = hidden.to(weight.dtype) @ weight.T  # [n, V]
-    return confidence_from_logits(logits, threshold, measure)
+    (AVX2) faster too; see benchmarks/RESULTS_kernels.md.
+
+    With `index`, the logits come from the gathered rows weight[index] [K, d]. That is
+    a per-call copy of K rows, but not of the head: the gather reads K rows and writes
+    K, the GEMM reads them again, 3K/V of the full head's bytes (less than the full
+    head while K < V/3, which is what a shortlist is for), and torch has no gathered
+    GEMM that would avoid it. A caller that reuses one shortlist can cache
+    weight[index] itself, pass it with index=None and map the argmax as index[argmax]."""
+    if index is not None:
+        _check_index(index, weight.shape[0], weight.device)
+        weight = weight[index]  # [K, d]
+    logits = hidden.to(weight.dtype) @ weight.T  # [n, V] or [n, K]
+    res = confidence_from_logits(logits, threshold, measure)
+    if index is not None:  # positions -> vocabulary ids (first position on ties)
+        res.argmax = index[res.argmax].to(torch.int64)
+    return res
 
 
 def exit_confidence_ref(
@@ -321,16 +386,23 @@ def exit_confidence_ref(
     weight: torch.Tensor,  # [V, d]
     threshold: torch.Tensor,  # [n] fp32
     measure: str = "max_prob",
+    index: torch.Tensor | None = None,  # [K] int32 | int64 shortlist of vocabulary ids
 ) -> ExitConfidence:
-    """Plain reference: fp32 logits, softmax, sort. Slow (copies the head to fp32)."""
+    """Plain reference: fp32 logits, softmax, sort. Slow (copies the head to fp32).
+    With `index`: the same over the rows weight[index], argmax mapped to index[a]."""
     assert measure in MEASURES, measure
-    logits = hidden.float() @ weight.float().T  # [n, V]
+    if index is not None:
+        weight = weight[index.long()]  # [K, d]
+    logits = hidden.float() @ weight.float().T  # [n, V] or [n, K]
     probs = torch.softmax(logits, dim=-1)  # [n, V]
     top = probs.sort(dim=-1, descending=True).values  # [n, V]
     p1 = top[:, 0]
     p2 = top[:, 1] if top.shape[1] > 1 else torch.zeros_like(p1)
     confidence = p1 if measure == "max_prob" else p1 - p2
-    return ExitConfidence(confidence, torch.argmax(logits, dim=-1), confidence >= threshold)
+    argmax = torch.argmax(logits, dim=-1)
+    if index is not None:
+        argmax = index.long()[argmax]
+    return ExitConfidence(confidence, argmax, confidence >= threshold)
 
 
 # ---------------------------------------------------------------------------------------
