@@ -16,8 +16,9 @@ import os
 import pytest
 import torch
 
-from vllm_e3.calibrate import (Costs, Scores, binom_cdf, calibrate_scores, cp_upper, free_run,
+from vllm_e3.calibrate import (Costs, EngineModel, Scores, binom_cdf, calibrate_scores, cp_upper, free_run,
                                free_run_batched, load_ramps, simulate)
+from vllm_e3.simulate import net_cost
 from vllm_e3.config import E3Config, E3ConfigError
 from vllm_e3.ramps import model_hash, read_ramps_header, validate_ramps
 from vllm_e3.train import (Corpus, FrozenHead, Recipe, builtin_prompts, capture, load_base, ramp_eval,
@@ -251,6 +252,67 @@ def test_calibration_says_full_when_nothing_pays():
     dear = Costs(head=8.0, ramp=3.0, gate=3.0, kv_fill=0.9, layer_ms=1.0, rows=64, context=128, threads=1)
     cal = calibrate_scores(s, dear, 16, (0.99,))
     assert cal["table"][0]["policy"] == "full" and cal["table"][0]["chosen"] is None
+
+
+def engine_costs(exit_s, layer_fixed=1e-3):
+    """A 16-layer engine: a layer costs `layer_fixed` + 0.1 ms per row, a step 2 ms plus
+    0.01 ms per request, a row-layer of KV fill 0.02 ms, the head 0.05 ms per row; each exit
+    boundary that decides costs `exit_s`."""
+    return {"num_layers": 16, "layer": {m: layer_fixed + 1e-4 * m for m in (1, 2, 4, 8, 16, 32, 64)},
+            "prompt_s": 1e-5, "prompt_rest_s": 1e-6, "exit_s": exit_s, "fill_s": 2e-5, "head_s": 5e-5,
+            "step_s": 2e-3, "row_s": 1e-5}
+
+
+def test_calibration_deploys_full_when_the_engine_says_exits_cannot_pay():
+    # the per-row model says gate at exit 10 pays (test above); in an engine whose exit
+    # boundary costs 50 ms a step (~3 decoder layers at 64 rows), a few percent exiting cannot
+    s = planted()
+    dear = EngineModel(engine_costs(0.05), "test")
+    cal = calibrate_scores(s, COSTS, 16, (0.99,), engine=dear)
+    row = cal["table"][0]
+    assert row["policy"] == "full" and row["chosen"] is None
+    assert "no exit pays" in row["reason"] and "gate" in row["reason"]
+    gate = row["per_measure"]["gate"]
+    assert gate["verify"]["expected_net_cost"] < 1.0 < min(gate["engine_net_cost"].values())
+    # the recorded costs reproduce the modelled figure
+    w64 = {"batch": 64, "prompt_len": 64, "output_len": 128}
+    f = gate["verify"]["exit_fraction"][0]
+    assert net_cost(cal["engine_model"]["costs"], [10, 14], {10: f}, check_s=dear.check_s(COSTS, "gate"),
+                    **w64) == pytest.approx(gate["engine_net_cost"]["b64"], abs=1e-5)
+    # with a cheap boundary and layers priced by their rows, the same choice pays
+    cheap = EngineModel(engine_costs(1e-5, layer_fixed=0.0), "test")
+    row = calibrate_scores(s, COSTS, 16, (0.99,), engine=cheap)["table"][0]
+    assert row["policy"] == "token" and max(row["chosen"]["engine_net_cost"].values()) <= 1 - cheap.min_gain
+
+
+def test_shipped_calibration_is_never_slower_than_full():
+    """The shipped config's row, modelled in the engine with the costs calibration.json records,
+    is no slower than `full`; every row the table deploys (a request's target) pays by its bar,
+    and every row it leaves at full has no measure that does."""
+    cal = json.load(open(os.path.join(ARTIFACT, "calibration.json")))
+    cfg = json.load(open(os.path.join(ARTIFACT, "config.json")))
+    eng = cal["engine_model"]
+    assert eng is not None, "the shipped calibration was made without engine costs"
+    costs = dict(eng["costs"], layer={int(k): v for k, v in eng["costs"]["layer"].items()})
+    bar = 1.0 - eng["min_gain"]
+    deployed = next(r for r in cal["table"] if r["target_agreement"] == cal["target_agreement"])
+    assert cfg["policy"] == deployed["policy"]
+    for r in cal["table"]:
+        cands = [v for v in r["per_measure"].values() if isinstance(v, dict) and v["exits_kept"]]
+        for v in cands:   # each measure's figure recomputed from the recorded costs and fractions
+            fr = {e: f for e, f, t in zip(cal["exits"], v["verify"]["exit_fraction"], v["thresholds"])
+                  if t is not None}
+            chk = EngineModel(costs, "").check_s(Costs(**cal["costs_in_layers"]), v["measure"])
+            for w in ({"batch": 16, "prompt_len": 64, "output_len": 128},
+                      {"batch": 64, "prompt_len": 64, "output_len": 128}):
+                got = net_cost(costs, cal["exits"], fr, check_s=chk, **w)
+                assert got == pytest.approx(v["engine_net_cost"][f"b{w['batch']}"], abs=1e-4)
+        if r["policy"] == "token":
+            assert max(r["chosen"]["engine_net_cost"].values()) <= bar
+        else:
+            assert all(max(v["engine_net_cost"].values()) > bar for v in cands)
+    if deployed["policy"] == "token":
+        assert max(deployed["chosen"]["engine_net_cost"].values()) <= 1.0
 
 
 def test_simulate_counts_costs():

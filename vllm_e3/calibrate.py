@@ -34,6 +34,17 @@ alpha / #tested (Bonferroni), and the one with the lowest B cost wins. Reported:
 95% Clopper-Pearson upper bound measured on B. No rung beyond "no exits", or
 no saving: policy `full`, said plainly.
 
+Whether a choice pays is decided in the serving engine's terms when its costs
+are known (`vllm-e3 profile` writes e3/engine_costs.json; `EngineModel`): the
+step simulation the planner uses (vllm_e3.simulate.net_cost) runs the choice's
+exit fractions on the closed batches of benchmarks/ (16 and 64 requests, 64 in,
+128 out) against `full`, each deciding exit boundary priced per step and each
+decision per row. The per-row model above leaves those step costs out and was
+measured optimistic: the 0.99 row it priced at 0.989 ran at 0.96x vanilla.
+A choice is deployed only if modelled at most 1 - MIN_GAIN of `full` on every
+workload; else `full` is deployed, and requests that ask for a target run the
+full model, which meets any target.
+
 Free-running quality (`free_run`): a transformers decode loop that applies the
 chosen exits and thresholds, with KV fill of every skipped layer from the
 pre-ramp state (input norm -> K/V projection -> RoPE -> cache), compared with
@@ -174,6 +185,57 @@ class Costs:
 
     def confidence(self, measure: str) -> float:
         return self.ramp + (self.gate if measure == "gate" else self.head)
+
+
+MIN_GAIN = 0.02   # a deployment's exits must model at least this much faster than `full`
+
+
+@dataclass
+class EngineModel:
+    """The serving engine's measured costs (`vllm-e3 profile`, vllm_e3.profile.fit_costs) and
+    the workloads a deployment must not be slower on. The per-row cost model above chooses
+    thresholds; this one decides whether a choice pays in the engine, where each exit boundary
+    that decides costs a fixed time per step (compaction, attention metadata for the rest,
+    ~1.8 ms at batch 64 on the reference machine, ~0.24 of a decoder layer there), a layer's
+    time is far from proportional to its rows (2.0 ms on 1 row, 7.7 ms on 64), and the KV fill
+    of a row-layer costs ~0.4 of what the row saves in that layer
+    (benchmarks/RESULTS.md, "The planner simulates the engine")."""
+    costs: dict                      # vllm_e3.profile.fit_costs, layer keys int
+    source: str
+    workloads: tuple = ()            # vllm_e3.simulate.DEPLOY_WORKLOADS by default
+    min_gain: float = MIN_GAIN
+
+    def check_s(self, costs: "Costs", measure: str) -> float:
+        """Seconds per row of one exit decision in the engine: the decision's per-row
+        cost in decoder layers (timed here with torch) at the engine's layer time on
+        `costs.rows` rows."""
+        from .simulate import layer_curve
+
+        return costs.confidence(measure) * layer_curve(self.costs["layer"])(costs.rows) / costs.rows
+
+    def net_costs(self, exits, fractions: dict, check_s: float) -> dict[str, float]:
+        """Modelled seconds against `full`, per workload ("b16": ...)."""
+        from .simulate import DEPLOY_WORKLOADS, net_cost
+
+        return {f"b{w['batch']}": round(net_cost(self.costs, exits, fractions, check_s=check_s, **w), 5)
+                for w in (self.workloads or DEPLOY_WORKLOADS)}
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "min_gain": self.min_gain,
+                "workloads": list(self.workloads) or None, "costs": self.costs}
+
+    @classmethod
+    def load(cls, path: str, num_layers: int, min_gain: float = MIN_GAIN) -> "EngineModel":
+        from .planner import load_engine_costs
+
+        try:
+            costs = load_engine_costs(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise E3ConfigError(f"cannot read engine costs {path}: {type(exc).__name__}: {exc}") from exc
+        if costs.get("num_layers") != num_layers:
+            raise E3ConfigError(f"engine costs {path} were measured on a {costs.get('num_layers')}-layer "
+                                f"model; this one has {num_layers}: run `vllm-e3 profile` on it")
+        return cls(costs, os.path.abspath(path), min_gain=min_gain)
 
 
 def _min_ms(fns: dict, repeats: int) -> dict[str, float]:
@@ -368,8 +430,11 @@ def verify(s: Scores, measure: str, rungs, costs: Costs, L: int, target: float, 
 
 
 def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
-                     measures=CONFIDENCE_MEASURES) -> dict:
-    """The calibration table: per target, per measure and the winner."""
+                     measures=CONFIDENCE_MEASURES, engine: EngineModel | None = None) -> dict:
+    """The calibration table: per target, per measure and the winner. With
+    `engine`, a measure's choice pays only if the engine model puts it at
+    most 1 - engine.min_gain of `full` on every workload; the winner is the
+    one it models fastest. Without, a choice pays below 1.0 per-row cost."""
     nseq = int(s.seq.max()) + 1
     perm = torch.randperm(nseq, generator=torch.Generator().manual_seed(seed))
     a_seq = perm[: nseq // 2]
@@ -396,14 +461,29 @@ def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
                       "verify": {**o.summary(L), "cp_upper_95": cp_upper(o.errors, o.n, ALPHA),
                                  f"cp_upper_{1 - alpha:.4f}": cp_upper(o.errors, o.n, alpha)},
                       "select": simulate(sa, m, thr, costs, L).summary(L)}
-        live = [v for v in per.values()
-                if isinstance(v, dict) and v["exits_kept"] and v["verify"]["expected_net_cost"] < 1.0]
-        best = min(live, key=lambda v: v["verify"]["expected_net_cost"]) if live else None
-        table.append({"target_agreement": t, "policy": "token" if best else "full",
-                      "chosen": best, "per_measure": per})
+            if engine is not None:
+                v = per[m]["verify"]
+                per[m]["engine_net_cost"] = engine.net_costs(
+                    s.exits, {e: f for e, f, x in zip(s.exits, v["exit_fraction"], thr) if x is not None},
+                    engine.check_s(costs, m))
+        cost_of = ((lambda v: max(v["engine_net_cost"].values())) if engine is not None
+                   else (lambda v: v["verify"]["expected_net_cost"]))
+        bar = 1.0 - engine.min_gain if engine is not None else 1.0
+        cands = [v for v in per.values() if isinstance(v, dict) and v["exits_kept"]]
+        live = [v for v in cands if cost_of(v) <= bar and v["verify"]["expected_net_cost"] < 1.0]
+        best = min(live, key=cost_of) if live else None
+        row = {"target_agreement": t, "policy": "token" if best else "full", "chosen": best, "per_measure": per}
+        if best is None:
+            near = min(cands, key=cost_of) if cands else None
+            row["reason"] = ("no measure meets the target with an exit" if near is None else
+                             f"no exit pays: the best, {near['measure']} at exits {near['exits_kept']}, models "
+                             f"at {cost_of(near):.4f} of full "
+                             + (f"in the engine (pays at <= {bar:.2f})" if engine is not None
+                                else "per token"))
+        table.append(row)
     return {"exits": list(s.exits), "rows_select": sa.agree.shape[0], "rows_verify": sb.agree.shape[0],
             "alpha": ALPHA, "measures_tested": tested, "alpha_per_measure": alpha, "ladder": list(LADDER),
-            "table": table}
+            "engine_model": engine.to_dict() if engine is not None else None, "table": table}
 
 
 def per_exit_sweeps(s: Scores, costs: Costs, L: int) -> dict:
@@ -632,12 +712,16 @@ def _e3_json(d: dict) -> dict:
 def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = None, n_humaneval: int = 100,
               builtin: bool = True, max_tokens: int = 64, free_prompts: int = 8, free_tokens: int = 64,
               cost_rows: int = 64, engine_dtype: str = "float32", cache_dir: str | None = None,
-              progress: bool = True, command: str | None = None) -> dict:
+              progress: bool = True, command: str | None = None, engine_costs: str | None = None,
+              min_gain: float = MIN_GAIN) -> dict:
     """Calibrate the ramps in `out_dir` (default MODEL_DIR/e3) on held-out
     prompts; writes calibration.json, config.json, report.json and report.png
     there and returns the report. `command`, the command line that ran it, is
     recorded in calibration.json and the report, beside the training
-    command from the ramps' metadata."""
+    command from the ramps' metadata. `engine_costs` (default: the first of
+    `out_dir` and MODEL_DIR/e3 holding engine_costs.json, as `vllm-e3
+    profile` writes it) prices each choice in the serving engine
+    (EngineModel); without it the per-row cost model alone decides."""
     from transformers import AutoTokenizer
 
     t_start = time.time()
@@ -661,10 +745,11 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     t0 = time.time()
     s = score(c, ramps, head)
     costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows)
+    engine = _engine_model(engine_costs, out_dir, model_dir, L, min_gain)
     t1 = time.time()
     _log(f"calibrate: {c.num_rows} held-out decode rows from {len(prompts)} prompts scored at exits "
          f"{list(s.exits)}, costs timed: {t1 - t0:.0f}s")
-    cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target))
+    cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target), engine=engine)
     _log(f"calibrate: thresholds for targets {sorted({*TARGET_GRID, target})}: {time.time() - t1:.0f}s")
     row = next(r for r in cal["table"] if r["target_agreement"] == target)
     config = _e3_json(deployment_config(cal["table"], target, s.exits))
@@ -681,7 +766,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
         t0 = time.time()
         free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos)
         _log(f"calibrate: free-running comparison on {len(pick)} prompts: {time.time() - t0:.0f}s")
-    cal.update(command=command, train_command=meta.get("command"),
+    cal.update(target_agreement=target, command=command, train_command=meta.get("command"),
                model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
                "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,
@@ -705,12 +790,30 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     return report
 
 
+def _engine_model(path: str | None, out_dir: str, model_dir: str, L: int, min_gain: float):
+    from .planner import ENGINE_COSTS_FILENAME
+
+    if path is None:
+        found = [p for p in (os.path.join(d, ENGINE_COSTS_FILENAME) for d in (out_dir, e3_dir(model_dir)))
+                 if os.path.isfile(p)]
+        if not found:
+            _log("calibrate: no engine costs (run `vllm-e3 profile MODEL_DIR` on the serving machine); "
+                 "exits are judged by the per-row cost model alone, which leaves out each exit "
+                 "boundary's cost per step")
+            return None
+        path = found[0]
+    engine = EngineModel.load(path, L, min_gain)
+    _log(f"calibrate: engine costs from {path}: an exit pays at <= {1 - min_gain:.2f} of full")
+    return engine
+
+
 def _row_summary(r: dict) -> dict:
     b = r["chosen"]
     if b is None:
-        return {"target": r["target_agreement"], "policy": "full"}
+        return {"target": r["target_agreement"], "policy": "full", "reason": r.get("reason")}
     v = b["verify"]
     return {"target": r["target_agreement"], "policy": r["policy"], "measure": b["measure"],
+            "engine_net_cost": b.get("engine_net_cost"),
             "exits": b["exits_kept"], "thresholds": [t for t in b["thresholds"] if t is not None],
             "agreement": v["agreement"], "cp_upper_95": v["cp_upper_95"],
             "exit_fraction": [f for f, t in zip(v["exit_fraction"], b["thresholds"]) if t is not None],
@@ -743,11 +846,13 @@ def format_report(rep: dict, L: int) -> str:
     lines.append("target  policy measure  exits            agreement  CP95-bound  skipped  net cost")
     for r in rep["table"]:
         if r["policy"] == "full":
-            lines.append(f"{r['target']:<7} full   (no exit meets the target and pays)")
+            lines.append(f"{r['target']:<7} full   ({r.get('reason') or 'no exit meets the target and pays'})")
             continue
+        eng = r.get("engine_net_cost")
         lines.append(f"{r['target']:<7} token  {r['measure']:<8} {str(r['exits']):<16} "
                      f"{100 * r['agreement']:8.2f}%  {100 * r['cp_upper_95']:9.2f}%  "
-                     f"{100 * r['layers_skipped']:6.2f}%  {r['net_cost']:.4f}")
+                     f"{100 * r['layers_skipped']:6.2f}%  {r['net_cost']:.4f}"
+                     + (f"  engine {', '.join(f'{k} {v:.4f}' for k, v in eng.items())}" if eng else ""))
     fr = rep.get("free_running")
     if fr:
         for name, q in fr["configs"].items():
@@ -756,8 +861,10 @@ def format_report(rep: dict, L: int) -> str:
                          f"loglik/token {q['loglik_per_token_e3']:.3f} vs {q['loglik_per_token_full']:.3f} (full); "
                          f"exits {100 * q['exit_fraction']:.1f}%, layers skipped "
                          f"{100 * q['layers_skipped_fraction']:.1f}%")
+    why = next((r.get("reason") for r in rep["table"] if r["target"] == tgt), None)
     verdict = (f"verdict at {tgt}: policy {rep['config']['policy']}"
-               + ("" if rep["config"]["policy"] != "full" else " -- no exit pays at this target"))
+               + ("" if rep["config"]["policy"] != "full" else f" -- {why or 'no exit pays at this target'}; "
+                  "requests asking for a target run the full model"))
     lines.append(verdict)
     return "\n".join(lines)
 
@@ -812,6 +919,12 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
     p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the vLLM engine whose outputs are the reference (default %(default)s)")
+    p.add_argument("--engine-costs", default=None,
+                   help="the serving engine's costs (`vllm-e3 profile`); default: engine_costs.json in "
+                        "--out or MODEL_DIR/e3 if there")
+    p.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                   help="with engine costs, exits are deployed only if modelled at most 1 - this of "
+                        "full's time on every workload (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -827,7 +940,8 @@ def _calibrate_main(args) -> int:
               builtin=not args.no_builtin_heldout, max_tokens=args.max_tokens, free_prompts=args.free_prompts,
               free_tokens=args.free_tokens, cost_rows=args.cost_rows, engine_dtype=args.engine_dtype,
               cache_dir=args.cache_dir, progress=not args.no_progress,
-              command=getattr(args, "command", None))
+              command=getattr(args, "command", None), engine_costs=args.engine_costs,
+              min_gain=args.min_gain)
     return 0
 
 

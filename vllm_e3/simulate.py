@@ -28,7 +28,12 @@ what the engine does, step by step, with the rules of the code it models:
   made so far are prompt rows then); admission needs the blocks and the
   token budget, and none happens in a step that preempted;
 - costs per step: each stage run, layers x (layer(decode rows) + prompt
-  rows x prompt_s); each exit boundary run; KV fill per row-layer skipped; the head per token yielded; and the
+  rows x prompt_s); each exit boundary run where rows can leave (an exit
+  with no threshold costs nothing: the loop finds no candidate and moves
+  on), with `check_s` per row checked when the costs give it (the ramp and
+  confidence of a measured exit decision; a profile's `exit_s` already holds
+  the decision it ran); KV fill per row-layer skipped; the head per token
+  yielded; and the
   rest of the step, step_s + row_s x requests scheduled + prompt_rest_s x
   prompt rows (parked requests are scheduled: they pay scheduling, input
   preparation and the loop's bookkeeping).
@@ -159,15 +164,16 @@ def simulate_once(costs: dict, *, policy: str, exits, rates: dict, batch: int, s
                 break
             if not act:
                 continue
-            cost += costs["exit_s"]
             rate, keep = rates.get(e, 0.0), []
-            for r, w in act:
-                if rng.random() < rate:
-                    yielded.append(r)
-                    fill_rl += L - e
-                else:
-                    keep.append((r, w))
-            act = keep
+            if rate > 0.0:                      # else no row can leave: no decision is made
+                cost += costs["exit_s"] + costs.get("check_s", 0.0) * len(act)
+                for r, w in act:
+                    if rng.random() < rate:
+                        yielded.append(r)
+                        fill_rl += L - e
+                    else:
+                        keep.append((r, w))
+                act = keep
             joining = join.get(e, [])
             if (act and may_park and len(act) + len(joining) < tgt.get(e, 0)
                     and all(w < max_park for _, w in act + joining)):
@@ -221,3 +227,24 @@ def rates_of(exits, fractions: dict) -> dict:
         out[e] = x / reach if reach > 0 else 0.0
         reach -= x
     return out
+
+
+# The workloads a deployment must not run slower than vanilla on: the closed
+# batches of benchmarks/bench_policies.py (64 prompt tokens, 128 made).
+DEPLOY_WORKLOADS = ({"batch": 16, "prompt_len": 64, "output_len": 128},
+                    {"batch": 64, "prompt_len": 64, "output_len": 128})
+
+
+def net_cost(costs: dict, exits, fractions: dict, *, batch: int, prompt_len: int, output_len: int,
+             requests: int | None = None, check_s: float = 0.0, seeds: int = 3) -> float:
+    """Simulated seconds of policy `token` with exit `fractions` (of all
+    tokens, per exit; an exit at 0 never decides) over the seconds of `full`,
+    for a closed batch of `requests` (default `batch`): below 1 the exits pay.
+    `check_s`: seconds per row of one exit decision (ramp and confidence)
+    beyond what the profile's exit boundary holds."""
+    kw = dict(batch=batch, slots=batch, requests=requests or batch, prompt_len=prompt_len,
+              output_len=output_len)
+    full = simulate(costs, seeds=seeds, policy="full", exits=[], rates={}, **kw)
+    tok = simulate({**costs, "check_s": check_s}, seeds=seeds, policy="token", exits=list(exits),
+                   rates=rates_of(exits, fractions), **kw)
+    return tok["seconds"] / full["seconds"]
