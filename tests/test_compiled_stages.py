@@ -21,6 +21,7 @@ EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
 MAX_TOKENS = 24
 MARGIN = 1e-4
+AUDIT = 0.5      # the online audit runs on half the exited tokens of every case
 
 
 def _gen(llm, prompts, extra=None):
@@ -40,7 +41,8 @@ def runs(model_dir):
     # policy e3 parks whenever a later stage would run below 32 rows, so the
     # few prompts here park at every exit
     llm = LLM(model_dir, model_impl="e3", **common, additional_config={"e3": {
-        "policy": "e3", "exits": EXITS, "park_when": "always", "test_overrides": True}})
+        "policy": "e3", "exits": EXITS, "park_when": "always", "test_overrides": True,
+        "audit_rate": AUDIT}})
     out = {"mode": llm.llm_engine.vllm_config.compilation_config.mode,
            "none_mode": CompilationMode.NONE}
     tok = llm.get_tokenizer()
@@ -77,8 +79,13 @@ class Reference:
     def generate(self, ids, **kw):
         key = (tuple(ids), repr(sorted(kw.items())))
         if key not in self.cache:
-            self.cache[key] = self.impl.generate(ids, MAX_TOKENS, **kw)
-        return self.cache[key]
+            out = self.impl.generate(ids, MAX_TOKENS, **kw)
+            self.cache[key] = (out, list(self.impl.audits))
+        return self.cache[key][0]
+
+    def audits(self, ids, **kw) -> list[tuple[int, bool]]:
+        self.generate(ids, **kw)
+        return self.cache[(tuple(ids), repr(sorted(kw.items())))][1]
 
     def margin(self, ids, step: int, **kw) -> float:
         """Top-1 minus top-2 logit of the reference's token `step` (0-based).
@@ -166,6 +173,27 @@ def test_token_middle_matches_reference(runs, ref):
     assert stats["mixed_exit_steps"] > 0                       # ... at several in one step
     assert stats["layers_run"] < stats["layers_full"]
     assert runs["middle"] != runs["zero"]                       # and it changed the output
+
+
+def test_online_audit_counts_what_the_reference_counts(runs, ref):
+    """The audit (E3Config.audit_rate) ran half the exited tokens of the middle profile through
+    the layers they skipped (the ids above are unchanged by it): the tokens it drew and how
+    many of them had the full model's top-1 are the reference's, per exit."""
+    kw = dict(exits=EXITS, force_exit=MIDDLE, audit_rate=AUDIT)
+    stats = runs["middle_stats"]
+    want_n, want_a = {}, {}
+    for ids in runs["prompt_ids"]:
+        for e, agreed in ref.audits(ids, **kw):
+            want_n[e] = want_n.get(e, 0) + 1
+            want_a[e] = want_a.get(e, 0) + agreed
+    assert set(want_n) == set(EXITS) and sum(want_n.values()) < sum(stats["exited"].values())
+    assert 0 < sum(want_a.values()) < sum(want_n.values())     # agreement neither 0 nor 1
+    if runs["middle"] == [ref.generate(ids, **kw)[0] for ids in runs["prompt_ids"]]:
+        assert stats["audited"] == want_n and stats["audit_agreed"] == want_a
+    for case in ("all8", "e3_middle"):                          # the audit ran in every case
+        st = runs[f"{case}_stats"]
+        assert set(st["audited"]) == set(st["exited"]) and all(
+            0 < st["audited"][e] < st["exited"][e] for e in st["exited"])
 
 
 def test_everything_exits_at_the_first_exit(runs, ref):

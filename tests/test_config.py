@@ -24,6 +24,9 @@ from vllm_e3.ramps import RAMPS_FORMAT, save_ramps, validate_ramps
     ({"exits": "8"}, "must be a list of integers"),
     ({"plan": "yes"}, "'plan' must be true or false"),
     ({"policy": "sync", "plan": True}, "policy 'sync' is not modelled"),
+    ({"audit_rate": 1.5}, "'audit_rate' must be a number in [0, 1], got 1.5"),
+    ({"audit_rate": "0.1"}, "'audit_rate' must be a number in [0, 1]"),
+    ({"audit_rate": True}, "'audit_rate' must be a number in [0, 1]"),
 ])
 def test_bad_config_names_the_problem(raw, msg):
     with pytest.raises(E3ConfigError) as ei:

@@ -327,6 +327,53 @@ def test_simulate_counts_costs():
     assert o.cost == pytest.approx(want) and o.layers_run == pytest.approx(2.5)
 
 
+def test_calibrate_end_to_end_on_the_tiny_model(tiny_dir, tiny_artifact, tmp_path):
+    """`vllm-e3 calibrate` on the tiny model, its corpus a stand-in: it deploys `full` and says
+    why (nothing on this random model meets a target), records the engine costs it judged by,
+    and the report carries every measure's AUC and check cost (the shortlist ones included)
+    and the frontier. The engine's verdict itself: the planted test above."""
+    import shutil
+
+    from vllm_e3.calibrate import SHORTLIST, calibrate
+
+    out = tmp_path / "e3"
+    shutil.copytree(os.path.dirname(tiny_artifact), out)
+    costs = dict(engine_costs(1.0), num_layers=L_TINY)          # a second per exit boundary
+    path = tmp_path / "engine_costs.json"
+    path.write_text(json.dumps(costs))
+    rep = calibrate(tiny_dir, out_dir=str(out), n_humaneval=8, max_tokens=12, free_prompts=2, free_tokens=6,
+                    cost_rows=8, cache_dir=str(tmp_path / "cache"), progress=False, engine_costs=str(path),
+                    prompt_ids=tiny_prompts(16, seed=5), train_prompt_ids=tiny_prompts(8, seed=2),
+                    generate=random_continuations, shortlist_ks=(16, 128))
+    cal = json.load(open(out / "calibration.json"))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["policy"] == "full" and rep["config"] == cfg
+    row = next(r for r in cal["table"] if r["target_agreement"] == 0.99)
+    assert row["policy"] == "full" and row["reason"]
+    assert cal["engine_model"]["source"] == str(path) and cal["engine_model"]["costs"]["exit_s"] == 1.0
+    q = rep["confidence_quality"]
+    assert {f"{SHORTLIST}16", f"{SHORTLIST}128", "max_prob", "margin", "gate"} <= set(q)
+    for m, v in q.items():
+        assert set(v["exits"]) == {"1", "3"} and v["check_layers"] > 0
+        assert all(0.0 <= x["auc"] <= 1.0 or math.isnan(x["auc"]) for x in v["exits"].values())
+    # a shortlist check reads fewer rows of the head than the full-vocabulary one
+    assert q[f"{SHORTLIST}16"]["check_layers"] < q["max_prob"]["check_layers"]
+    assert set(rep["shortlist_coverage"]) == {16, 128}
+    assert {r["measure"] for r in rep["frontier"]} >= {f"{SHORTLIST}16", "gate"}
+
+
+def test_auc_and_shortlist_order_against_literal_values():
+    from vllm_e3.calibrate import auc, shortlist_from
+
+    # two of four pairs ordered right, one tie counted half, one wrong: (2 + 0.5 + 0) / 4 ... by hand:
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: 0.35>0.1, 0.35<0.4, 0.8>0.1, 0.8>0.4 -> 3/4
+    assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])) == 0.75
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5
+    assert math.isnan(auc(torch.tensor([0.5, 0.7]), torch.tensor([True, True])))
+    # by count, then unseen ids in order
+    assert shortlist_from([[5, 5, 3], [3, 7, 5]], 10, 4).tolist() == [5, 3, 7, 0]
+
+
 # ---- free-running loop -----------------------------------------------------------------------
 def test_free_run_without_exits_is_greedy_and_with_kv_fill_runs(tiny_dir, tiny_artifact):
     model = load_base(tiny_dir)

@@ -59,13 +59,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
 
+from .bounds import ALPHA, binom_cdf, cp_upper  # noqa: F401  (re-exported)
 from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME,
                      E3Config, E3ConfigError, e3_dir)
+from .kernels import confidence_from_logits
 from .ramps import Ramp, check_base_model, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
 from .train import (Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_prompts, captured_cached,
                     chat_token_ids, load_base, ramp_eval)
@@ -73,39 +75,8 @@ from .train import (Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_pro
 TARGET_GRID = (0.95, 0.97, 0.99, 0.995)
 LADDER = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
           0.075, 0.1)
-ALPHA = 0.05
 # Exit fractions whose quantile thresholds form each exit's threshold grid.
 _FRACS = tuple(float(f) for f in torch.logspace(math.log10(0.002), math.log10(0.95), 36))
-
-
-# ---- statistics ---------------------------------------------------------------------
-def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p)."""
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    i = torch.arange(k + 1, dtype=torch.float64)
-    logt = (math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
-            + i * math.log(p) + (n - i) * math.log1p(-p))
-    return float(torch.logsumexp(logt, 0).exp())
-
-
-def cp_upper(k: int, n: int, alpha: float = ALPHA) -> float:
-    """One-sided Clopper-Pearson upper confidence bound (level 1 - alpha) on a
-    binomial rate after k events in n trials: the p with P(X <= k; n, p) = alpha."""
-    if n <= 0 or k >= n:
-        return 1.0
-    if k == 0:
-        return 1.0 - alpha ** (1.0 / n)
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if binom_cdf(k, n, mid) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 # ---- held-out prompts -----------------------------------------------------------------
@@ -170,6 +141,109 @@ def score(c: Captured, ramps: dict[int, Ramp], head: FrozenHead) -> Scores:
     return Scores(exits, torch.stack(agree, 1), {m: torch.stack(v, 1) for m, v in conf.items()}, c.seq)
 
 
+# ---- shortlist confidence (report only) ------------------------------------------------------
+# Max-prob over a shortlist of the head's rows: the K tokens the full model served most often
+# on the training corpus (never the held-out data). The kernel reads only those rows
+# (kernels/exit_confidence.py, `index`), K/V of the head's bytes and FLOPs. A row whose served
+# token is outside the shortlist cannot agree at that exit unless the ramp's full top-1 is in
+# it too; the confidence is the softmax over the K logits, which overstates p1 by the mass
+# outside. Scored here for the frontier in the report; the engine does not deploy it.
+SHORTLIST = "shortlist@"
+SHORTLIST_KS = (256, 1024, 4096)
+
+
+def shortlist_k(measure: str) -> int:
+    return int(measure[len(SHORTLIST):])
+
+
+def shortlist_from(served: list[list[int]], vocab: int, K: int) -> torch.Tensor:
+    """[K] int64: token ids by how often the full model served them in `served`
+    (ties and unseen tokens by id)."""
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for seq in served:
+        counts.index_add_(0, torch.tensor(seq, dtype=torch.long), torch.ones(len(seq), dtype=torch.float64))
+    order = sorted(range(vocab), key=lambda v: (-counts[v].item(), v))
+    return torch.tensor(order[:K], dtype=torch.long)
+
+
+@torch.no_grad()
+def shortlist_scores(c: Captured, ramps: dict[int, Ramp], head: FrozenHead, order: torch.Tensor,
+                     ks=SHORTLIST_KS, chunk: int = 1024) -> dict[int, Scores]:
+    """Per K, the Scores of measure shortlist@K: agreement is the ramp's top-1 over the
+    first K ids of `order` against the served token, confidence its max-prob over them."""
+    exits = tuple(sorted(ramps))
+    out = {}
+    for K in ks:
+        idx = order[:K]
+        Wk = head.weight[idx]                                          # [K, d]
+        agree, conf = [], []
+        for e in exits:
+            a, p = [], []
+            for i in range(0, c.num_rows, chunk):
+                hin = head.head_in(ramps[e](c.states[e][i:i + chunk].float()))
+                z = hin @ Wk.T                                         # [c, K]
+                lse = torch.logsumexp(z, dim=-1)
+                top, arg = z.max(dim=-1)
+                a.append(idx[arg] == c.served[i:i + chunk])
+                p.append((top - lse).exp())
+            agree.append(torch.cat(a))
+            conf.append(torch.cat(p))
+        out[K] = Scores(exits, torch.stack(agree, 1), {f"{SHORTLIST}{K}": torch.stack(conf, 1)}, c.seq)
+    return out
+
+
+def auc(conf: torch.Tensor, label: torch.Tensor) -> float:
+    """P(conf of an agreeing row > conf of a disagreeing row), ties counted half
+    (Mann-Whitney U over average ranks)."""
+    n1 = int(label.sum())
+    n0 = label.numel() - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    order = conf.double().argsort()
+    ranks = torch.empty_like(order, dtype=torch.float64)
+    ranks[order] = torch.arange(1, conf.numel() + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inv = conf.double().unique(return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
+    cnts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+    ranks = (sums / cnts)[inv]
+    return float((ranks[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def confidence_quality(scores: list[Scores], costs: Costs) -> dict:
+    """Per measure: its AUC at each exit (confidence against the measure's own agreement) and
+    the cost of one check in decoder layers."""
+    out = {}
+    for sc in scores:
+        for m, conf in sc.conf.items():
+            if m == "gate" and not bool(conf.any()):
+                continue
+            out[m] = {"check_layers": round(costs.confidence(m), 5),
+                      "exits": {str(e): {"auc": round(auc(conf[:, j], sc.agree[:, j]), 4),
+                                         "agreement": round(float(sc.agree[:, j].float().mean()), 4)}
+                                for j, e in enumerate(sc.exits)}}
+    return out
+
+
+def frontier(tables: list[dict]) -> list[dict]:
+    """Every measure's verified choice at every target of the calibration tables, flat:
+    layers skipped against agreement, with the per-row and engine net costs."""
+    rows = []
+    for cal in tables:
+        for r in cal["table"]:
+            for m, v in r["per_measure"].items():
+                base = {"target": r["target_agreement"], "measure": m}
+                if not isinstance(v, dict):
+                    rows.append({**base, "exits": [], "note": v or "no rung meets the target"})
+                    continue
+                ver = v["verify"]
+                rows.append({**base, "exits": v["exits_kept"], "agreement": round(ver["agreement"], 5),
+                             "cp_upper_95": round(ver["cp_upper_95"], 5),
+                             "layers_skipped": ver["expected_layers_skipped_fraction"],
+                             "net_cost": ver["expected_net_cost"], "engine_net_cost": v.get("engine_net_cost")})
+    return rows
+
+
 # ---- costs --------------------------------------------------------------------------------
 @dataclass
 class Costs:
@@ -182,8 +256,12 @@ class Costs:
     rows: int
     context: int
     threads: int
+    shortlist: dict = field(default_factory=dict)   # K -> the head over K rows + statistics
 
     def confidence(self, measure: str) -> float:
+        if measure.startswith(SHORTLIST):
+            K = shortlist_k(measure)
+            return self.ramp + float(self.shortlist.get(K, self.shortlist.get(str(K), math.inf)))
         return self.ramp + (self.gate if measure == "gate" else self.head)
 
 
@@ -254,7 +332,8 @@ def _min_ms(fns: dict, repeats: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def measure_costs(model, ramp: Ramp, *, rows: int = 64, context: int = 128, repeats: int = 20) -> Costs:
+def measure_costs(model, ramp: Ramp, *, rows: int = 64, context: int = 128, repeats: int = 20,
+                  shortlist_ks=()) -> Costs:
     """Time, on the real weights (fp32 torch), with `rows` decode rows of
     `context` tokens each: one decoder layer (attention over the cache
     included), the full-vocabulary head with max/top-2/logsumexp, the ramp, the
@@ -302,12 +381,21 @@ def measure_costs(model, ramp: Ramp, *, rows: int = 64, context: int = 128, repe
         apply_rotary_pos_emb(k, k, *pe)
         v.contiguous()
 
-    ms = _min_ms({"layer": run_layer, "head": run_head, "ramp": run_ramp, "gate": run_gate,
-                  "fill": run_fill}, repeats)
+    # the shortlist head reads K rows of W: timed on a contiguous block of K rows, as
+    # the kernel's gathered rows cost the same reads (kernels/exit_confidence.py)
+    def run_short(K):
+        Wk = W[:K]
+        return lambda: confidence_from_logits(hin @ Wk.T, thr, "max_prob")
+
+    thr = torch.full((rows,), math.inf)
+    fns = {"layer": run_layer, "head": run_head, "ramp": run_ramp, "gate": run_gate, "fill": run_fill}
+    fns.update({f"short{K}": run_short(K) for K in shortlist_ks})
+    ms = _min_ms(fns, repeats)
     lay = ms["layer"]
     return Costs(head=ms["head"] / lay, ramp=ms["ramp"] / lay, gate=ms["gate"] / lay,
                  kv_fill=ms["fill"] / lay, layer_ms=lay, rows=rows, context=context,
-                 threads=torch.get_num_threads())
+                 threads=torch.get_num_threads(),
+                 shortlist={K: ms[f"short{K}"] / lay for K in shortlist_ks})
 
 
 # ---- policy evaluation and search ----------------------------------------------------------
@@ -713,7 +801,9 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               builtin: bool = True, max_tokens: int = 64, free_prompts: int = 8, free_tokens: int = 64,
               cost_rows: int = 64, engine_dtype: str = "float32", cache_dir: str | None = None,
               progress: bool = True, command: str | None = None, engine_costs: str | None = None,
-              min_gain: float = MIN_GAIN) -> dict:
+              min_gain: float = MIN_GAIN, prompt_ids: list[list[int]] | None = None,
+              train_prompt_ids: list[list[int]] | None = None, generate=None,
+              shortlist_ks=SHORTLIST_KS) -> dict:
     """Calibrate the ramps in `out_dir` (default MODEL_DIR/e3) on held-out
     prompts; writes calibration.json, config.json, report.json and report.png
     there and returns the report. `command`, the command line that ran it, is
@@ -721,7 +811,11 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     command from the ramps' metadata. `engine_costs` (default: the first of
     `out_dir` and MODEL_DIR/e3 holding engine_costs.json, as `vllm-e3
     profile` writes it) prices each choice in the serving engine
-    (EngineModel); without it the per-row cost model alone decides."""
+    (EngineModel); without it the per-row cost model alone decides.
+    `prompt_ids` / `train_prompt_ids` (chat-templated token ids of the
+    held-out and the training prompts) bypass the tokenizer, and
+    `generate(model_dir, prompt_ids, max_tokens)` replaces vLLM as the corpus
+    generator (tests, as in `vllm_e3.train.train`)."""
     from transformers import AutoTokenizer
 
     t_start = time.time()
@@ -735,21 +829,36 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     ramps, meta = load_ramps(path, mc.hidden_size, mc.rms_norm_eps)
     check_base_model(path, meta, model_dir)
     base_hash = model_hash(model_dir)
-    prompts = heldout_prompts(n_humaneval, builtin)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    pids = chat_token_ids(tok, prompts)
+    if prompt_ids is None or train_prompt_ids is None:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        prompt_ids = prompt_ids or chat_token_ids(tok, heldout_prompts(n_humaneval, builtin))
+        train_prompt_ids = train_prompt_ids or chat_token_ids(tok, builtin_prompts("train"))
+    pids = prompt_ids
     corpus = build_corpus(model_dir, pids, max_tokens, base_hash=base_hash, dtype=engine_dtype,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, generate=generate)
     c = captured_cached(model, base_hash, corpus, sorted(ramps), cache_dir=cache_dir, progress=progress)
     head = FrozenHead.of(model)
     t0 = time.time()
     s = score(c, ramps, head)
-    costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows)
+    # the shortlist: tokens the full model served on the training corpus (the training
+    # prompts, disjoint from the held-out ones; cached where `vllm-e3 train` made it)
+    served = build_corpus(model_dir, train_prompt_ids, max_tokens, base_hash=base_hash, dtype=engine_dtype,
+                          cache_dir=cache_dir, generate=generate).gen_ids
+    V = head.weight.shape[0]
+    ks = tuple(K for K in shortlist_ks if K < V)
+    order = shortlist_from(served, V, max(ks, default=1))
+    short = shortlist_scores(c, ramps, head, order, ks)
+    costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows, shortlist_ks=ks)
     engine = _engine_model(engine_costs, out_dir, model_dir, L, min_gain)
     t1 = time.time()
-    _log(f"calibrate: {c.num_rows} held-out decode rows from {len(prompts)} prompts scored at exits "
+    _log(f"calibrate: {c.num_rows} held-out decode rows from {len(pids)} prompts scored at exits "
          f"{list(s.exits)}, costs timed: {t1 - t0:.0f}s")
     cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target), engine=engine)
+    # report only: the shortlist measures' frontier (the engine does not deploy them)
+    short_cal = [calibrate_scores(sk, costs, L, TARGET_GRID, engine=engine, measures=tuple(sk.conf))
+                 for sk in short.values()]
+    quality = confidence_quality([s, *short.values()], costs)
+    covered = {K: round(float(torch.isin(c.served, order[:K]).float().mean()), 4) for K in ks}
     _log(f"calibrate: thresholds for targets {sorted({*TARGET_GRID, target})}: {time.time() - t1:.0f}s")
     row = next(r for r in cal["table"] if r["target_agreement"] == target)
     config = _e3_json(deployment_config(cal["table"], target, s.exits))
@@ -769,7 +878,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     cal.update(target_agreement=target, command=command, train_command=meta.get("command"),
                model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
-               "builtin_heldout": builtin, "prompts": len(prompts), "max_tokens": max_tokens,
+               "builtin_heldout": builtin, "prompts": len(pids), "max_tokens": max_tokens,
                "engine_dtype": engine_dtype,
                "rows": c.num_rows, "data_hash": corpus.data_hash()},
                costs_in_layers=costs.__dict__, num_layers=L,
@@ -779,6 +888,8 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               "config": config, "costs_in_layers": costs.__dict__,
               "ramp_agreement": {str(e): float(s.agree[:, j].float().mean()) for j, e in enumerate(s.exits)},
               "per_exit": per_exit_sweeps(s, costs, L), "free_running": free,
+              "confidence_quality": quality, "shortlist_coverage": covered,
+              "frontier": frontier([cal, *short_cal]),
               "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
     os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, CALIBRATION_FILENAME), cal)
@@ -853,6 +964,20 @@ def format_report(rep: dict, L: int) -> str:
                      f"{100 * r['agreement']:8.2f}%  {100 * r['cp_upper_95']:9.2f}%  "
                      f"{100 * r['layers_skipped']:6.2f}%  {r['net_cost']:.4f}"
                      + (f"  engine {', '.join(f'{k} {v:.4f}' for k, v in eng.items())}" if eng else ""))
+    q = rep.get("confidence_quality")
+    if q:
+        lines.append("confidence  check (layers)  AUC per exit (ramp top-1 = full top-1)")
+        for m, v in q.items():
+            lines.append(f"{m:<16} {v['check_layers']:8.3f}   " + ", ".join(
+                f"{e}: {x['auc']:.3f} (agree {100 * x['agreement']:.0f}%)" for e, x in v["exits"].items()))
+        lines.append("frontier   measure          exits         agreement  skipped  net cost  engine b16/b64")
+        for r in rep.get("frontier", []):
+            if r["target"] not in (0.97, 0.99) or not r["exits"]:
+                continue
+            eng = r.get("engine_net_cost") or {}
+            lines.append(f"{r['target']:<10} {r['measure']:<16} {str(r['exits']):<13} "
+                         f"{100 * r['agreement']:8.2f}%  {100 * r['layers_skipped']:6.2f}%  "
+                         f"{r['net_cost']:.4f}    " + "/".join(f"{x:.4f}" for x in eng.values()))
     fr = rep.get("free_running")
     if fr:
         for name, q in fr["configs"].items():

@@ -73,6 +73,14 @@ class E3Config:
     # wait steps; null: no bound). The planner models TPOT, it does not
     # measure it (benchmarks/RESULTS.md compares the two).
     max_tpot_ratio: float | None = None
+    # Online audit: this fraction of exited decode tokens (drawn by a hash of
+    # position and token, as `force_exit` draws) also runs the layers it
+    # skipped, and its ramp's top-1 is compared with the full model's
+    # (`vllm_e3:audit_*` on /metrics, with a Clopper-Pearson bound). The
+    # output is the exit's either way (the KV fill still writes the skipped
+    # layers), so the audit measures the deployment without changing it.
+    # Each audited token costs the layers it skipped plus two head rows.
+    audit_rate: float = 0.0
     # TESTS AND BENCHMARKS ONLY. Accept the per-request test overrides
     # (`SamplingParams.extra_args["_e3_test"]`, vllm_e3.knobs): a synthetic
     # exit profile, another policy, no KV fill. Off, every `_e3*` key is
@@ -152,6 +160,10 @@ class E3Config:
         if kw.get("park_when", "refill") not in ("refill", "always"):
             raise E3ConfigError(f"{source}: 'park_when' must be 'refill' or 'always', "
                                 f"got {kw['park_when']!r}")
+        ar = kw.get("audit_rate", 0.0)
+        if isinstance(ar, bool) or not isinstance(ar, (int, float)) or not 0.0 <= ar <= 1.0:
+            raise E3ConfigError(f"{source}: 'audit_rate' must be a number in [0, 1], got {ar!r}")
+        kw["audit_rate"] = float(ar)
         seed = kw.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise E3ConfigError(f"{source}: 'seed' must be an integer, got {seed!r}")

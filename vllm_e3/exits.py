@@ -27,7 +27,7 @@ from .knobs import FULL_RULES
 _U64 = float(2**64)
 
 
-def forced_exit_u(seed: int, e: int, position: int, token_id: int) -> float:
+def forced_exit_u(seed: int | str, e: int, position: int, token_id: int) -> float:
     """The synthetic profile's uniform draw for a token reaching exit `e`.
 
     First 8 bytes of sha256(f"{seed}:{e}:{position}:{token_id}"), big-endian,
@@ -36,6 +36,15 @@ def forced_exit_u(seed: int, e: int, position: int, token_id: int) -> float:
     """
     digest = hashlib.sha256(f"{seed}:{e}:{position}:{token_id}".encode()).digest()
     return struct.unpack(">Q", digest[:8])[0] / _U64
+
+
+def audit_mask(seed: int, e: int, rate: float, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[n] bool: which tokens exiting at `e` the online audit checks (E3Config.audit_rate):
+    the synthetic profile's draw under another key, so a reference can reproduce it."""
+    if rate >= 1.0:
+        return torch.ones(positions.numel(), dtype=torch.bool)
+    return torch.tensor([forced_exit_u(f"audit{seed}", e, p, t) < rate
+                         for p, t in zip(positions.tolist(), token_ids.tolist())], dtype=torch.bool)
 
 
 def forced_exit_mask(seed: int, e: int, rate: torch.Tensor, positions: torch.Tensor,
@@ -299,6 +308,8 @@ class ExitStats:
     stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> runs with decode rows
     step_reqs: int = 0           # requests in the forwards, summed (mean in flight = step_reqs / steps)
     step_reqs_max: int = 0       # most requests in one forward (parked ones included)
+    audited: dict[int, int] = dataclasses.field(default_factory=dict)      # exit -> exited tokens audited
+    audit_agreed: dict[int, int] = dataclasses.field(default_factory=dict)  # exit -> ramp top-1 = full top-1
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

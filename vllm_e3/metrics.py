@@ -93,6 +93,7 @@ class E3Collector:
     def __init__(self):
         self.path: str | None = None
         self.model_name = ""
+        self._bounds: dict[tuple[int, int], float] = {}   # (disagreements, audited) -> bound
 
     def read(self) -> dict | None:
         if not self.path:
@@ -139,6 +140,36 @@ class E3Collector:
                       ["stage_start"], by_key(s["stage_rows"]))
         yield counter("stage_runs", "Stage runs with decode rows", 0, ["stage_start"],
                       by_key(s["stage_runs"]))
+        audited, agreed = s.get("audited", {}), s.get("audit_agreed", {})
+        if audited:
+            yield from self.audit_metrics(m, audited, agreed, counter, by_key)
+
+    def audit_metrics(self, m, audited: dict, agreed: dict, counter, by_key):
+        """The online audit (E3Config.audit_rate): counters per exit, and per exit and over
+        all exits the live agreement with its one-sided 95% Clopper-Pearson lower bound
+        (1 - the upper bound on the disagreement rate, vllm_e3.bounds), cached per count."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .bounds import cp_upper
+
+        yield counter("audit_tokens", "Exited tokens the online audit also ran to the last layer", 0,
+                      ["exit"], by_key(audited))
+        yield counter("audit_agreements", "Audited tokens whose exit top-1 is the full model's", 0,
+                      ["exit"], by_key(agreed))
+        live = GaugeMetricFamily(PREFIX + "audit_agreement", "Audited agreement of exited tokens with "
+                                 "the full model's top-1", labels=["model_name", "exit"])
+        low = GaugeMetricFamily(PREFIX + "audit_agreement_lower_95", "One-sided 95% Clopper-Pearson "
+                                "lower bound on that agreement", labels=["model_name", "exit"])
+        groups = [(str(e), n, agreed.get(e, 0)) for e, n in by_key(audited)]
+        groups.append(("all", sum(audited.values()), sum(agreed.values())))
+        for label, n, a in groups:
+            key = (n - a, n)
+            if key not in self._bounds:
+                self._bounds[key] = 1.0 - cp_upper(n - a, n)
+            live.add_metric([*m, label], a / n if n else 1.0)
+            low.add_metric([*m, label], self._bounds[key])
+        yield live
+        yield low
 
 
 _collector: E3Collector | None = None

@@ -42,7 +42,8 @@ class StepProfile:
         if self.steps and "period" not in self.steps[-1]:
             self.steps[-1]["period"] = now - self.steps[-1]["t0"]
         self.cur = {"t0": now, "reqs": 0, "rows": 0, "prompt_rows": 0, "parked": 0,
-                    "stages": [], "exits": [], "fill": [0, 0.0], "head": [0, 0.0]}
+                    "stages": [], "exits": [], "fill": [0, 0.0], "head": [0, 0.0],
+                    "audit": [0, 0.0]}
 
     def end(self) -> None:
         if self.cur is not None:
@@ -54,7 +55,7 @@ class StepProfile:
     @contextlib.contextmanager
     def timed(self, kind: str, *key):
         """Time a piece of the current step: ("stage", start, end, rows),
-        ("exit",), ("fill", row_layers), ("head", rows)."""
+        ("exit",), ("fill", row_layers), ("head", rows), ("audit", rows)."""
         t0 = time.perf_counter()
         yield
         dt = time.perf_counter() - t0
@@ -65,7 +66,7 @@ class StepProfile:
             cur["stages"].append((*key, dt))
         elif kind == "exit":
             cur["exits"].append(dt)
-        else:                                  # fill, head: [count, seconds]
+        else:                                  # fill, head, audit: [count, seconds]
             cur[kind][0] += key[0]
             cur[kind][1] += dt
 
@@ -82,7 +83,8 @@ def _median(xs):
 
 def _timed(st: dict) -> float:
     """Seconds of a step's record inside the timed pieces."""
-    return sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
+    return (sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
+            + st.get("audit", (0, 0.0))[1])
 
 
 def fit_costs(steps: list[dict], num_layers: int) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .exits import forced_exit_u
+from .exits import audit_mask, forced_exit_u
 from .ramps import Ramp
 
 
@@ -69,8 +69,13 @@ class ReferenceE3:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, *, exits=(), force_exit=None,
                  thresholds=None, seed: int = 0, kv_fill: bool = True,
-                 eos_token_id: int | None = None) -> tuple[list[int], list[int | None]]:
-        """Greedy tokens and, per token, the exit it left at (None: full)."""
+                 eos_token_id: int | None = None, audit_rate: float = 0.0) -> tuple[list[int], list[int | None]]:
+        """Greedy tokens and, per token, the exit it left at (None: full).
+        With `audit_rate`, the exited tokens the online audit draws
+        (vllm_e3.exits.audit_mask) also run the layers they skipped, with
+        their own K/V for those layers while they do, and `self.audits` lists
+        (exit, ramp top-1 == full top-1) for each."""
+        self.audits: list[tuple[int, bool]] = []
         L = self.cfg.num_hidden_layers
         force_exit = {int(k): v for k, v in (force_exit or {}).items()}
         thresholds = dict(zip(exits, thresholds)) if thresholds is not None else {}
@@ -97,6 +102,14 @@ class ReferenceE3:
                 logits = self.model.lm_head(self.model.model.norm(x))
             else:
                 logits = self.model.lm_head(self.head_input(left, x))
+                if audit_rate > 0.0 and bool(audit_mask(seed, left, audit_rate, pos, torch.tensor([tok]))[0]):
+                    y = x
+                    for l in range(left, L):
+                        y = self._layer(l, y, pos, cache)
+                    for l in range(left, L):             # the audit's own K/V rows out again
+                        cache[l][0].pop(); cache[l][1].pop()
+                    full = self.model.lm_head(self.model.model.norm(y))
+                    self.audits.append((left, int(full.argmax(-1)) == int(logits.argmax(-1))))
                 for l in range(left, L):
                     layer = self.model.model.layers[l]
                     k, v = self._kv(l, layer.input_layernorm(x), pos)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..exits import Active, ExitPlan, Parked, RowLayout, kv_fill_layer
+from ..exits import Active, ExitPlan, Parked, RowLayout, audit_mask, kv_fill_layer
 from ..kernels import compact
 from ..profile import timed
 
@@ -54,6 +54,7 @@ class StageLoop:
             act = act.take(keep.nonzero().squeeze(1))
         # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
         self.exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.audits: dict[int, Active] = {}               # exit -> exited rows the audit runs on
         # a resumed token was counted in the step that parked it
         n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
         num_reqs = layout.num_reqs
@@ -93,6 +94,9 @@ class StageLoop:
             if act.rows.numel():
                 out[act.rows] = backbone.norm(act.h, act.residual)[0]
                 self._record_waits(act.waited)
+            if self.audits:
+                with timed(self.prof, "audit", sum(int(g.rows.numel()) for g in self.audits.values())):
+                    self._audit(out)
         finally:
             self.view.restore()
         stats.mixed_exit_steps += len(self.exited) > 1
@@ -133,6 +137,10 @@ class StageLoop:
             return act, False
         gone = cand[leave]
         out[act.rows[gone]] = head_in[leave]
+        if self.cfg.audit_rate > 0.0:
+            sel = gone[audit_mask(self.cfg.seed, e, self.cfg.audit_rate, act.positions[gone], act.tokens[gone])]
+            if sel.numel():
+                self.audits[e] = act.take(sel)
         self.exited.append((e, act.rows[gone], act.h[gone] + act.residual[gone], act.positions[gone]))
         self.stats.exited[e] = self.stats.exited.get(e, 0) + int(gone.numel())
         self._record_waits(act.waited[gone])
@@ -143,6 +151,36 @@ class StageLoop:
         idx = c.keep_idx[:m]
         return Active(act.rows[idx], c.hidden[:m], c.residual[:m], c.positions[:m],
                       act.tokens[idx], act.waited[idx]), True
+
+    # ---- online audit (E3Config.audit_rate) ------------------------------
+    def _audit(self, out: torch.Tensor) -> None:
+        """Run the audited exited rows through the layers they skipped (each
+        group joins at the stage its exit starts, attention restricted to
+        them) and count where the ramp's top-1 (from `out`, the head input
+        they exited with) is the full model's. Their K/V of those layers is
+        written here and then overwritten by the KV fill, so what later
+        tokens see is what an unaudited run leaves."""
+        model, L = self.model, self.L
+        exit_of = torch.full((self.layout.num_rows,), -1, dtype=torch.long)
+        for e, g in self.audits.items():
+            exit_of[g.rows] = e
+        aud = None
+        for start, _ in self.cfg.stages(L):
+            g = self.audits.pop(start, None)
+            if g is not None:
+                aud = g if aud is None else aud.merge(g)
+            if aud is None:
+                continue
+            self.view.restrict(aud.rows, torch.unique_consecutive(self.layout.req_of_row[aud.rows]))
+            aud.h, aud.residual = model.e3_stages[start](aud.positions, aud.h, aud.residual)
+        final = model.model.norm(aud.h, aud.residual)[0]
+        logits = model.logits_processor(model.lm_head, torch.cat([final, out[aud.rows]]))
+        top = logits.argmax(-1)
+        n = aud.rows.numel()
+        agree = top[:n] == top[n:]
+        for e, a in zip(exit_of[aud.rows].tolist(), agree.tolist()):
+            self.stats.audited[e] = self.stats.audited.get(e, 0) + 1
+            self.stats.audit_agreed[e] = self.stats.audit_agreed.get(e, 0) + int(a)
 
     # ---- E3 regrouping (policy e3) -------------------------------------
     def _should_park(self, e: int, act: Active, resume: dict[int, Active]) -> bool:
