@@ -57,7 +57,7 @@ def check_against_model(e3cfg, vllm_config) -> None:
     gates where confidence `gate` needs them, and a calibration table that
     belongs to these ramps."""
     from vllm_e3.config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_dir
-    from vllm_e3.knobs import CalibrationTable
+    from vllm_e3.calibration import Calibration
     from vllm_e3.ramps import read_ramps_header, require_gates, validate_ramps
 
     hf = vllm_config.model_config.hf_config
@@ -65,7 +65,7 @@ def check_against_model(e3cfg, vllm_config) -> None:
     model_dir = vllm_config.model_config.model
     ramps = os.path.join(e3_dir(model_dir), RAMPS_FILENAME)
     has_ramps = os.path.exists(ramps)
-    table = CalibrationTable.load(os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME))
+    table = Calibration.load(os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME))
     if table is not None:
         e3cfg.validate_for_model(hf.num_hidden_layers, table.exits, "the calibration table's")
     # one pass over the ramps file for the config's exits and the table's

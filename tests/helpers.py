@@ -38,3 +38,20 @@ def free_engine(llm) -> None:
         pass
     del llm
     gc.collect()
+
+
+def kernel_inputs(n, d, V, dtype, strided, seed=0):
+    """Ramp outputs [n, d] and an LM head [V, d] for the kernel tests, and the
+    generator that made them; `strided`: a column-slice view of hidden and a
+    transposed view of the head."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        hidden = torch.randn(n, d + 13, generator=g).to(dtype)[:, 5 : 5 + d]
+        weight = (torch.randn(d, V, generator=g) * 0.15).to(dtype).T
+        assert hidden.stride(0) == d + 13 and weight.stride(0) == 1
+    else:
+        hidden = torch.randn(n, d, generator=g).to(dtype)
+        weight = (torch.randn(V, d, generator=g) * 0.15).to(dtype)
+    return hidden, weight, g

@@ -14,6 +14,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import kernel_inputs  # noqa: E402
+
 from vllm_e3.kernels import (  # noqa: E402
     MEASURES,
     confidence_from_logits,
@@ -49,18 +51,6 @@ CASES = [
 ]
 
 
-def _inputs(n, d, V, dtype, strided, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if strided:  # a column-slice view of hidden and a transposed view of the head
-        hidden = torch.randn(n, d + 13, generator=g).to(dtype)[:, 5 : 5 + d]
-        weight = (torch.randn(d, V, generator=g) * 0.15).to(dtype).T
-        assert hidden.stride(0) == d + 13 and weight.stride(0) == 1
-    else:
-        hidden = torch.randn(n, d, generator=g).to(dtype)
-        weight = (torch.randn(V, d, generator=g) * 0.15).to(dtype)
-    return hidden, weight, g
-
-
 def _thresholds(kind, n, g):
     if kind == "all":
         return torch.full((n,), -math.inf)
@@ -86,7 +76,7 @@ def _assert_matches(got, ref, logits, threshold, atol):
 
 @pytest.mark.parametrize("n,d,V,dtype,measure,mask_kind,strided,config", CASES)
 def test_exit_confidence_triton_matches_ref(n, d, V, dtype, measure, mask_kind, strided, config):
-    hidden, weight, g = _inputs(n, d, V, dtype, strided)
+    hidden, weight, g = kernel_inputs(n, d, V, dtype, strided)
     threshold = _thresholds(mask_kind, n, g)
     got = exit_confidence_triton(hidden, weight, threshold, measure, **config)
     ref = exit_confidence_ref(hidden, weight, threshold, measure)
@@ -102,7 +92,7 @@ def test_exit_confidence_triton_matches_ref(n, d, V, dtype, measure, mask_kind, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("measure", MEASURES)
 def test_exit_confidence_torch_path(dtype, measure):
-    hidden, weight, g = _inputs(83, 576, 5003, dtype, strided=False)
+    hidden, weight, g = kernel_inputs(83, 576, 5003, dtype, strided=False)
     threshold = torch.rand(83, generator=g) * 0.6
     got = exit_confidence_torch(hidden, weight, threshold, measure)
     # The torch path rounds logits to the head's dtype, then is exact in fp32:
@@ -246,7 +236,7 @@ def test_dispatcher_switch(monkeypatch):
 
 
 def test_dispatcher_triton_on_cpu_runs_the_kernel(monkeypatch):
-    hidden, weight, g = _inputs(7, 64, 1000, torch.float32, strided=False)
+    hidden, weight, g = kernel_inputs(7, 64, 1000, torch.float32, strided=False)
     threshold = torch.rand(7, generator=g) * 0.2
     monkeypatch.setenv("VLLM_E3_KERNELS", "triton")
     got = exit_confidence(hidden, weight, threshold, "margin")

@@ -14,6 +14,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import kernel_inputs  # noqa: E402
+
 from vllm_e3.kernels import (  # noqa: E402
     MEASURES,
     exit_confidence,
@@ -37,18 +39,6 @@ CASES = [
     (1, 576, 5003, 37, torch.float32, "margin", "sorted", torch.int32, False, SMALL_TILES),
     (7, 64, 1000, 1, torch.bfloat16, "margin", "view", torch.int32, True, SMALL_TILES),
 ]
-
-
-def _inputs(n, d, V, dtype, strided, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if strided:  # a column-slice view of hidden and a transposed view of the head
-        hidden = torch.randn(n, d + 13, generator=g).to(dtype)[:, 5 : 5 + d]
-        weight = (torch.randn(d, V, generator=g) * 0.15).to(dtype).T
-        assert hidden.stride(0) == d + 13 and weight.stride(0) == 1
-    else:
-        hidden = torch.randn(n, d, generator=g).to(dtype)
-        weight = (torch.randn(V, d, generator=g) * 0.15).to(dtype)
-    return hidden, weight, g
 
 
 def _index(V, K, order, dtype, g):
@@ -77,7 +67,7 @@ def _assert_matches(got, ref, hidden, weight, index, threshold, atol):
 
 @pytest.mark.parametrize("n,d,V,K,dtype,measure,order,index_dtype,strided,config", CASES)
 def test_shortlist_matches_ref(n, d, V, K, dtype, measure, order, index_dtype, strided, config):
-    hidden, weight, g = _inputs(n, d, V, dtype, strided)
+    hidden, weight, g = kernel_inputs(n, d, V, dtype, strided)
     index = _index(V, K, order, index_dtype, g)
     threshold = torch.rand(n, generator=g) * (1.0 if K < 40 else 0.3)
     ref = exit_confidence_ref(hidden, weight, threshold, measure, index=index)
@@ -96,7 +86,7 @@ def test_shortlist_matches_ref(n, d, V, K, dtype, measure, order, index_dtype, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("measure", MEASURES)
 def test_shortlist_torch_path_exact_on_its_logits(dtype, measure):
-    hidden, weight, g = _inputs(83, 576, 5003, dtype, strided=True)
+    hidden, weight, g = kernel_inputs(83, 576, 5003, dtype, strided=True)
     index = _index(5003, 257, "unsorted", torch.int32, g)
     threshold = torch.rand(83, generator=g) * 0.3
     got = exit_confidence_torch(hidden, weight, threshold, measure, index=index)
@@ -110,7 +100,7 @@ def test_shortlist_torch_path_exact_on_its_logits(dtype, measure):
 @pytest.mark.parametrize("index_kind", ["arange32", "arange64", "permutation"])
 def test_full_shortlist_equals_full_vocabulary(index_kind):
     n, d, V = 7, 64, 1000
-    hidden, weight, g = _inputs(n, d, V, torch.float32, strided=False)
+    hidden, weight, g = kernel_inputs(n, d, V, torch.float32, strided=False)
     threshold = torch.rand(n, generator=g) * 0.1
     index = {
         "arange32": torch.arange(V, dtype=torch.int32),
@@ -136,7 +126,7 @@ def test_full_shortlist_equals_full_vocabulary(index_kind):
 def test_shortlist_of_one_literal(index_dtype):
     # One logit: p1 = 1; p2 = 0 (the reference's convention for a single column, and
     # confidence_from_logits' for V = 1), so margin = 1 as well.
-    hidden, weight, _ = _inputs(3, 64, 1000, torch.float32, strided=False)
+    hidden, weight, _ = kernel_inputs(3, 64, 1000, torch.float32, strided=False)
     index = torch.tensor([617], dtype=index_dtype)
     threshold = torch.tensor([1.0, math.inf, 0.5])
     for measure in MEASURES:
@@ -199,7 +189,7 @@ def test_shortlist_exit_mask_per_row_thresholds():
     # Thresholds straddle each row's own confidence by 1e-3: rows alternate exit /
     # stay; the last two rows get -inf (always exits) and +inf (never).
     n, d, V, K = 12, 64, 1000, 257
-    hidden, weight, g = _inputs(n, d, V, torch.float32, strided=False)
+    hidden, weight, g = kernel_inputs(n, d, V, torch.float32, strided=False)
     index = _index(V, K, "unsorted", torch.int64, g)
     for measure in MEASURES:
         conf = exit_confidence_ref(hidden, weight, torch.zeros(n), measure, index=index).confidence
@@ -217,7 +207,7 @@ def test_shortlist_exit_mask_per_row_thresholds():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_dispatcher_passes_the_index(monkeypatch, backend):
-    hidden, weight, g = _inputs(7, 64, 1000, torch.float32, strided=False)
+    hidden, weight, g = kernel_inputs(7, 64, 1000, torch.float32, strided=False)
     index = _index(1000, 37, "unsorted", torch.int32, g)
     threshold = torch.rand(7, generator=g)
     monkeypatch.setenv("VLLM_E3_KERNELS", backend)
@@ -228,7 +218,7 @@ def test_dispatcher_passes_the_index(monkeypatch, backend):
 
 
 def test_bad_index_is_refused():
-    hidden, weight, _ = _inputs(2, 64, 100, torch.float32, strided=False)
+    hidden, weight, _ = kernel_inputs(2, 64, 100, torch.float32, strided=False)
     threshold = torch.zeros(2)
     for bad in (torch.zeros(0, dtype=torch.int64), torch.arange(101), torch.zeros(2, 2, dtype=torch.int64),
                 torch.zeros(3)):

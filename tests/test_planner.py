@@ -116,13 +116,17 @@ def test_exit_profile_from_force_exit_and_from_calibration(deployed_model_dir):
                               "force_exit": {"8": 0.3, "15": 0.357, "22": 0.444}})
     got = exit_profile(cfg, deployed_model_dir)
     assert got == pytest.approx({8: 0.3, 15: 0.7 * 0.357, 22: 0.7 * 0.643 * 0.444})
-    # the deployed thresholds are the 0.99 row of the shipped calibration: its verified fractions
-    cfg = load_e3_config(deployed_model_dir)
+    # thresholds of a verified choice in the shipped calibration (the 0.99 row's gate, which
+    # the table did not deploy: it does not pay in the engine): its verified fractions
     raw = json.load(open(os.path.join(deployed_model_dir, "e3", "calibration.json")))
-    row = next(r["chosen"] for r in raw["table"] if r["target_agreement"] == 0.99)
-    assert exit_profile(cfg, deployed_model_dir) == dict(zip(raw["exits"], row["verify"]["exit_fraction"]))
-    # thresholds no row deploys: no profile
-    odd = E3Config.from_dict({**cfg.to_dict(), "thresholds": [0.5, None]})
+    row = next(r for r in raw["table"] if r["target_agreement"] == 0.99)
+    gate = row["per_measure"]["gate"]
+    cfg = E3Config.from_dict({"policy": "token", "exits": raw["exits"], "thresholds": gate["thresholds"],
+                              "confidence": "gate"})
+    assert exit_profile(cfg, deployed_model_dir) == dict(zip(raw["exits"], gate["verify"]["exit_fraction"]))
+    # the shipped config deploys no thresholds, and thresholds nothing verified: no profile
+    assert exit_profile(load_e3_config(deployed_model_dir), deployed_model_dir) is None
+    odd = E3Config.from_dict({**cfg.to_dict(), "thresholds": [0.5] + [None] * (len(raw["exits"]) - 1)})
     assert exit_profile(odd, deployed_model_dir) is None
 
 

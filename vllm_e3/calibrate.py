@@ -52,12 +52,10 @@ the same loop without exits.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,8 +63,11 @@ from importlib import resources
 import torch
 
 from .bounds import ALPHA, binom_cdf, cp_upper  # noqa: F401  (re-exported)
+from .simulate import MIN_GAIN
+from .calibration import save as save_calibration
 from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME,
                      E3Config, E3ConfigError, e3_dir)
+from .files import write_json
 from .kernels import confidence_from_logits
 from .ramps import Ramp, check_base_model, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
 from .train import (Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_prompts, captured_cached,
@@ -264,8 +265,6 @@ class Costs:
             return self.ramp + float(self.shortlist.get(K, self.shortlist.get(str(K), math.inf)))
         return self.ramp + (self.gate if measure == "gate" else self.head)
 
-
-MIN_GAIN = 0.02   # a deployment's exits must model at least this much faster than `full`
 
 
 @dataclass
@@ -892,10 +891,10 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               "frontier": frontier([cal, *short_cal]),
               "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, CALIBRATION_FILENAME), cal)
-    _write_json(os.path.join(out_dir, CONFIG_FILENAME), config)
+    save_calibration(os.path.join(out_dir, CALIBRATION_FILENAME), cal)
+    write_json(os.path.join(out_dir, CONFIG_FILENAME), config)
     report["seconds"] = round(time.time() - t_start, 1)
-    _write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     _plot(report, os.path.join(out_dir, "report.png"), L)
     print(format_report(report, L))
     return report
@@ -929,13 +928,6 @@ def _row_summary(r: dict) -> dict:
             "agreement": v["agreement"], "cp_upper_95": v["cp_upper_95"],
             "exit_fraction": [f for f, t in zip(v["exit_fraction"], b["thresholds"]) if t is not None],
             "layers_skipped": v["expected_layers_skipped_fraction"], "net_cost": v["expected_net_cost"]}
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def format_report(rep: dict, L: int) -> str:
@@ -1025,39 +1017,7 @@ def _plot(rep: dict, path: str, L: int) -> None:
     plt.close(fig)
 
 
-def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "calibrate", help="choose exits, confidence measure and thresholds on held-out data",
-        description="Calibrate trained ramps on held-out prompts; writes <out>/calibration.json, "
-                    "config.json, report.json and report.png.")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--target-agreement", type=float, default=0.99,
-                   help="token agreement with the full model for config.json (default %(default)s)")
-    p.add_argument("--out", default=None, help="the e3 folder holding ramps.safetensors (default MODEL_DIR/e3)")
-    p.add_argument("--humaneval", type=int, default=100, help="HumanEval problems 0..N-1 (default %(default)s)")
-    p.add_argument("--no-builtin-heldout", action="store_true",
-                   help="leave out the built-in prompt set's held-out split")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
-    p.add_argument("--free-prompts", type=int, default=8,
-                   help="prompts for the free-running comparison; 0 skips it (default %(default)s)")
-    p.add_argument("--free-tokens", type=int, default=64)
-    p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
-    p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the vLLM engine whose outputs are the reference (default %(default)s)")
-    p.add_argument("--engine-costs", default=None,
-                   help="the serving engine's costs (`vllm-e3 profile`); default: engine_costs.json in "
-                        "--out or MODEL_DIR/e3 if there")
-    p.add_argument("--min-gain", type=float, default=MIN_GAIN,
-                   help="with engine costs, exits are deployed only if modelled at most 1 - this of "
-                        "full's time on every workload (default %(default)s)")
-    p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_calibrate_main)
-    return p
-
-
-def _calibrate_main(args) -> int:
+def run(args) -> int:
     if not 0.0 < args.target_agreement < 1.0:
         raise SystemExit(f"--target-agreement must lie in (0, 1), got {args.target_agreement}")
     torch.set_num_threads(args.threads)
@@ -1068,14 +1028,3 @@ def _calibrate_main(args) -> int:
               command=getattr(args, "command", None), engine_costs=args.engine_costs,
               min_gain=args.min_gain)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vllm_e3.calibrate ...` = `vllm-e3 calibrate ...`."""
-    from .cli import main as cli_main
-
-    return cli_main(["calibrate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,6 @@ Resolution happens once per request, when the worker admits it
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from .config import CONFIDENCE_MEASURES, POLICIES, E3ConfigError
+from .config import POLICIES
 
 KNOBS = ("e3_enabled", "e3_target_agreement")
 TEST_KEY = "_e3_test"
@@ -161,7 +160,7 @@ class RequestRules:
 FULL_RULES = RequestRules("full")
 
 
-def resolve_rules(cfg, table: "CalibrationTable | None", extra: dict[str, Any] | None) -> RequestRules:
+def resolve_rules(cfg, table: "Calibration | None", extra: dict[str, Any] | None) -> RequestRules:
     """The rules of a request under the engine's E3 config `cfg` (after any
     start-up plan) and calibration `table`. Input the front end refused never
     gets here; should it, the request runs the full model (never exit on
@@ -187,89 +186,6 @@ def resolve_rules(cfg, table: "CalibrationTable | None", extra: dict[str, Any] |
                              test.kv_fill,
                              test.park_when or rules.park_when)
     return rules
-
-
-@dataclass(frozen=True)
-class TableRow:
-    target: float
-    measure: str | None              # None: the row says policy full
-    thresholds: dict[int, float]     # exit point -> threshold, exits that fire only
-
-
-class CalibrationTable:
-    """The `table` of calibration.json, for per-request targets."""
-
-    def __init__(self, rows: list[TableRow], source: str):
-        self.rows = sorted(rows, key=lambda r: r.target)
-        self.source = source
-
-    @classmethod
-    def load(cls, path: str) -> "CalibrationTable | None":
-        """The table of `path`, None if there is no such file; E3ConfigError
-        naming the file when it is not a calibration table."""
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-            exits = [int(e) for e in raw["exits"]]
-            rows = []
-            for r in raw["table"]:
-                chosen = r.get("chosen") or {}
-                if r.get("policy") == "full" or not chosen:
-                    rows.append(TableRow(float(r["target_agreement"]), None, {}))
-                    continue
-                if len(chosen["thresholds"]) != len(exits):
-                    raise ValueError(f"a row has {len(chosen['thresholds'])} thresholds for {len(exits)} exits")
-                thr = {e: float(t) for e, t in zip(exits, chosen["thresholds"]) if t is not None}
-                rows.append(TableRow(float(r["target_agreement"]), chosen["measure"], thr))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise E3ConfigError(f"cannot read calibration table {path}: {type(exc).__name__}: {exc}") from exc
-        table = cls(rows, path)
-        table.exits, table.ramps_data_hash = tuple(exits), raw.get("ramps_data_hash")
-        return table
-
-    def check_against_ramps(self, ramps_path: str | None, ramps_meta: dict | None, specs: dict) -> None:
-        """Refuse a table made for other ramps: an exit the ramps file does
-        not hold, a measure vllm-e3 does not know, `gate` rows at exits
-        without a gate, or a recorded ramps data hash that differs.
-        `specs`: vllm_e3.ramps.validate_ramps over the table's exits ({}
-        without a ramps file: identity ramps, which have no gates)."""
-        where = f"calibration table {self.source}"
-        if ramps_meta is not None:
-            have = set(json.loads(ramps_meta.get("exits", "[]")))
-            missing = sorted(set(self.exits) - have)
-            if missing:
-                raise E3ConfigError(f"{where} names exits {missing} that the ramps file {ramps_path} does "
-                                    f"not have (it has {sorted(have)}): recalibrate with `vllm-e3 calibrate`")
-            want = ramps_meta.get("data_hash")
-            if self.ramps_data_hash and want and self.ramps_data_hash != want:
-                raise E3ConfigError(f"{where} was made for other ramps (data hash {self.ramps_data_hash[:12]}, "
-                                    f"the ramps file {ramps_path} has {want[:12]}): recalibrate")
-        for row in self.rows:
-            if row.measure is not None and row.measure not in CONFIDENCE_MEASURES:
-                raise E3ConfigError(f"{where}: row for target {row.target} uses confidence measure "
-                                    f"{row.measure!r}; vllm-e3 knows {list(CONFIDENCE_MEASURES)}")
-            if row.measure == "gate":
-                gateless = sorted(e for e in row.thresholds if not (e in specs and specs[e].has_gate))
-                if gateless:
-                    raise E3ConfigError(f"{where}: row for target {row.target} scores confidence 'gate' "
-                                        f"at exits {gateless}, where {ramps_path or 'the identity ramps'} "
-                                        f"have no gate")
-
-    def thresholds_for(self, target: float, exits: tuple[int, ...], measure: str) -> dict[int, float] | None:
-        """Thresholds (exit -> threshold) for a request asking for `target`,
-        or None: run the full model. Only rows this engine can honour exactly
-        (their exits among the engine's, their measure the engine's) count;
-        a row that exits nowhere means the full model."""
-        for row in self.rows:
-            if row.target < target:
-                continue
-            if not row.thresholds:
-                return None
-            if row.measure == measure and set(row.thresholds) <= set(exits):
-                return row.thresholds
-        return None
 
 
 # Front-end state for `validate_params` (a classmethod: vLLM gives it no

@@ -67,7 +67,6 @@ found first (fewer stages, fewer exits, earlier boundaries).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -394,33 +393,3 @@ def main(args) -> int:
         json.dump({k: plain(v) for k, v in res.items()}, sys.stdout if args.json == "-" else
                   open(args.json, "w"), indent=1, default=list)
     return 0
-
-
-def add_layout_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("layout", help="simulate E3's split-and-replicate layout on N devices")
-    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", default=None,
-                   help="measure the cost curves here, as `vllm-e3 plan` does")
-    p.add_argument("--curves", default=None, help="cost curves JSON (measure_costs' dict) instead")
-    p.add_argument("--save-curves", default=None, help="write the curves used to this JSON file")
-    p.add_argument("--devices", "-N", type=int, required=True)
-    p.add_argument("--profile", default=None,
-                   help='exit fractions of all tokens as JSON, e.g. \'{"8": 0.3, "15": 0.25}\'')
-    p.add_argument("--rates", action="store_true",
-                   help="--profile gives rates of the tokens reaching each exit (force_exit form)")
-    p.add_argument("--exits", default=None, help="candidate exits / boundaries (default: the profile's)")
-    p.add_argument("--batch", type=int, default=64,
-                   help="sequences per device: the load is devices x batch for every layout")
-    p.add_argument("--hop-cost", type=float, default=0.0, help="microseconds per token per hop")
-    p.add_argument("--hop-latency", type=float, default=0.0, help="fixed microseconds per hop")
-    p.add_argument("--latency-bound", type=float, default=2.0,
-                   help="p99 TPOT <= this x vanilla's (whole-model DP, same load)")
-    p.add_argument("--confidence", default="forced", choices=["max_prob", "margin", "gate", "forced"],
-                   help="decision cost to assume (forced = synthetic profile, no decision cost)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--scale-to", default=None,
-                   help="'llama-7b' or an HF config.json: scale the curves by MACs per token "
-                        "(source shape: SmolLM2-135M, or --scale-from) and the exits by depth")
-    p.add_argument("--scale-from", default=None, help="HF config.json the curves were measured on")
-    p.add_argument("--json", default=None, help="write all results as JSON to FILE ('-': stdout)")
-    p.set_defaults(func=main)
-    return p

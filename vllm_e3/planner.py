@@ -49,7 +49,6 @@ the simulation's figures).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -160,7 +159,9 @@ def exit_profile(cfg, model_dir: str) -> dict[int, float] | None:
     """Fraction of decode tokens leaving at each exit under `cfg`: from its
     synthetic profile (rates of the tokens reaching each exit), else from the
     calibration row whose thresholds the config deploys (its held-out
-    verification), else None."""
+    verification, or any measure's verified choice with those thresholds),
+    else None."""
+    from .calibration import Calibration
     from .config import CALIBRATION_FILENAME, e3_dir
 
     if cfg.force_exit:
@@ -169,19 +170,11 @@ def exit_profile(cfg, model_dir: str) -> dict[int, float] | None:
             out[e] = reach * min(1.0, cfg.force_exit.get(e, 0.0))
             reach -= out[e]
         return out
-    path = os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME)
-    if not os.path.isfile(path):
+    cal = Calibration.load(os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME))
+    if cal is None:
         return None
-    raw = json.load(open(path))
-    if "exit_fractions" in raw:
-        return {int(k): float(v) for k, v in raw["exit_fractions"].items()}
-    want = {e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None}
-    for row in raw.get("table", []):
-        chosen = row.get("chosen") or {}
-        thr = {e: t for e, t in zip(raw["exits"], chosen.get("thresholds", [])) if t is not None}
-        if want and thr == want and chosen.get("measure") == cfg.confidence:
-            return dict(zip(raw["exits"], chosen["verify"]["exit_fraction"]))
-    return None
+    return cal.fractions_for({e: t for e, t in zip(cfg.exits, cfg.thresholds) if t is not None},
+                             cfg.confidence)
 
 
 def _interp(layer: dict, b: float) -> float:
@@ -359,6 +352,7 @@ def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | 
 
 def main(args) -> int:
     from .config import CONFIG_FILENAME, e3_dir, load_e3_config
+    from .files import write_json
 
     model_dir = args.model_dir
     cfg = load_e3_config(model_dir)
@@ -424,7 +418,7 @@ def main(args) -> int:
             raw["thresholds"] = [cfg.thresholds[i] for i in keep]
         raw.pop("force_exit", None) if not set(raw.get("force_exit", {})) <= set(map(str, result["exits"])) else None
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        json.dump(raw, open(path, "w"), indent=1)
+        write_json(path, raw, indent=1)
         print(f"wrote {path}")
     return 0
 
@@ -502,33 +496,3 @@ def startup_plan(cfg, model_dir: str, vllm_config):
              sc.max_num_seqs, measure, new.policy, list(new.exits), new.target_batch,
              best["relative_cost"])
     return new
-
-
-def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="measure stage costs here and choose exits and targets")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--exits", default=None, help="candidate exits (default: the E3 config's)")
-    p.add_argument("--profile", default=None,
-                   help='exit fractions as JSON, e.g. \'{"8": 0.3, "15": 0.25}\' (default: calibration.json)')
-    p.add_argument("--batch", type=int, default=64,
-                   help="decode batch to plan for (the engine's --max-num-active-seqs)")
-    p.add_argument("--slots", type=int, default=None,
-                   help="runner slots (the engine's --max-num-seqs; default --batch): more than "
-                        "--batch lets parked requests wait beside a full first stage")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--confidence", default=None, choices=["max_prob", "margin", "gate", "forced"],
-                   help="decision cost to assume (default: the E3 config's measure; "
-                        "forced = a synthetic profile, no decision cost)")
-    p.add_argument("--max-tpot-ratio", type=float, default=None,
-                   help="choose e3 only if its modelled TPOT is at most this many times token's "
-                        "(default: the E3 config's max_tpot_ratio)")
-    p.add_argument("--engine-costs", default=None,
-                   help="engine costs measured by `vllm-e3 profile` (default: e3/engine_costs.json "
-                        "when it exists): plan by simulating the engine instead of the closed form")
-    p.add_argument("--requests", type=int, default=None,
-                   help="with engine costs: requests in the simulated workload (default 3 x --batch)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--write", action="store_true", help="write the plan into e3/config.json")
-    p.set_defaults(func=main)
-    return p

@@ -233,6 +233,7 @@ def deploy_artifact(model_dir: str, src: str | None = None, *, replace: bool = F
     config changed by `vllm-e3 calibrate` / `plan --write` -- the folder is
     kept as it is unless `replace`."""
     from .config import e3_dir
+    from .files import write_json
 
     src = check_artifact(model_dir, src)
     dst = e3_dir(model_dir)
@@ -258,10 +259,7 @@ def deploy_artifact(model_dir: str, src: str | None = None, *, replace: bool = F
             tmp = os.path.join(dst, f".{n}.{os.getpid()}.tmp")
             shutil.copyfile(os.path.join(src, n), tmp)
             os.replace(tmp, os.path.join(dst, n))
-    tmp = os.path.join(dst, f".{DEPLOYED}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"source": src, "files": shipped}, f, indent=1)
-    os.replace(tmp, os.path.join(dst, DEPLOYED))
+    write_json(os.path.join(dst, DEPLOYED), {"source": src, "files": shipped}, indent=1)
     _log(f"installed the shipped ramps and calibration into {dst}")
     return dst
 

@@ -178,6 +178,7 @@ def main(args) -> int:
     import sys
 
     from .config import E3ConfigError, e3_dir, load_e3_config
+    from .files import write_json
     from .planner import ENGINE_COSTS_FILENAME
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -218,7 +219,7 @@ def main(args) -> int:
                                "prompt_len": args.prompt_len, "output_len": args.output_len}})
     path = args.out or os.path.join(e3_dir(args.model_dir), ENGINE_COSTS_FILENAME)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    json.dump(costs, open(path, "w"), indent=1)
+    write_json(path, costs, indent=1)
     lay = costs["layer"]
     print(f"layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
                                              if m & (m - 1) == 0))
@@ -226,19 +227,3 @@ def main(args) -> int:
           f"rest of a step {1e3 * costs['step_s']:.1f} ms + {1e3 * costs['row_s']:.2f} ms/request")
     print(f"wrote {path}")
     return 0
-
-
-def add_profile_parser(subparsers):
-    p = subparsers.add_parser("profile", help="measure this engine's stage and step costs "
-                                              "(e3/engine_costs.json) for the planner's simulation")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--batch", type=int, default=64, help="the engine's --max-num-seqs")
-    p.add_argument("--requests", type=int, default=None, help="default 3 x --batch")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="profile the eager engine (plan for an engine served with --enforce-eager)")
-    p.add_argument("--out", default=None, help="default MODEL_DIR/e3/engine_costs.json")
-    p.set_defaults(func=main)
-    return p

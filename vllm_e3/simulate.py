@@ -229,6 +229,8 @@ def rates_of(exits, fractions: dict) -> dict:
     return out
 
 
+MIN_GAIN = 0.02   # a deployment's exits must model at least this much faster than `full`
+
 # The workloads a deployment must not run slower than vanilla on: the closed
 # batches of benchmarks/bench_policies.py (64 prompt tokens, 128 made).
 DEPLOY_WORKLOADS = ({"batch": 16, "prompt_len": 64, "output_len": 128},

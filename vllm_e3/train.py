@@ -29,7 +29,6 @@ which").
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import hashlib
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RAMPS_FILENAME, E3ConfigError, e3_dir
+from .files import write_json
 from .ramps import Ramp, model_hash, ramp_key, rms_norm, save_ramps, validate_ramps
 
 # Default candidate exits as fractions of the depth: 16, 20, 24, 27 of 30 layers.
@@ -174,9 +174,7 @@ def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *
            else _vllm_generate(model_dir, prompt_ids, max_tokens, dtype))
     corpus = Corpus(prompt_ids, gen)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"prompt_ids": prompt_ids, "gen_ids": gen}, f)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"prompt_ids": prompt_ids, "gen_ids": gen}, indent=None)
     _log(f"corpus: {sum(map(len, gen))} tokens in {time.time() - t0:.0f}s -> {path}")
     return corpus
 
@@ -577,10 +575,9 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
     report["bytes"] = os.path.getsize(path)
     report["seconds"] = round(time.time() - t_start, 1)
     _log(f"wrote {path} ({report['bytes'] / 1e6:.2f} MB) in {report['seconds']:.0f}s")
-    with open(os.path.join(out_dir, "train_report.json"), "w") as f:
-        json.dump({"command": command, "recipe": asdict(recipe), "data_hash": data_hash,
-                   "base_model_hash": base_hash, **report},
-                  f, indent=2)
+    write_json(os.path.join(out_dir, "train_report.json"),
+               {"command": command, "recipe": asdict(recipe), "data_hash": data_hash,
+                "base_model_hash": base_hash, **report})
     return report
 
 
@@ -594,48 +591,7 @@ def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def parse_exits(text: str) -> list[int]:
-    try:
-        return sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"exits must be comma-separated integers, got {text!r}") from None
-
-
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train", help="train ramps (exit heads) for a model by self-distillation",
-        description="Train per-exit ramps by self-distillation on the model's own greedy outputs; "
-                    "writes <out>/ramps.safetensors.")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--exits", type=parse_exits, default=[],
-                   help="candidate exit points, comma-separated (default: 53/67/80/90%% of the depth, "
-                        "16,20,24,27 on 30 layers)")
-    p.add_argument("--rank", type=int, default=64, help="adapter rank (default %(default)s)")
-    p.add_argument("--prompts", default=None,
-                   help="JSONL of {\"prompt\": ...} lines (default: the built-in set's train split)")
-    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
-    p.add_argument("--mse-steps", type=int, default=600,
-                   help="phase-1 steps per exit, centred-logit regression (default %(default)s)")
-    p.add_argument("--steps", type=int, default=60,
-                   help="phase-2 steps per exit, full-vocabulary KL (default %(default)s)")
-    p.add_argument("--batch", type=int, default=128, help="rows per step (default %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate, both phases (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the vLLM engine that generates the corpus: the deployment whose "
-                        "outputs are the reference (default %(default)s)")
-    p.add_argument("--out", default=None, help="the e3 folder to write (default MODEL_DIR/e3)")
-    p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default %(default)s: on a shared 2-core machine one thread "
-                        "beat two even for the head GEMM)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_train_main)
-    return p
-
-
-def _train_main(args) -> int:
+def run(args) -> int:
     torch.set_num_threads(args.threads)
     prompts = read_prompts_jsonl(args.prompts) if args.prompts else None
     if args.max_prompts:
@@ -646,14 +602,3 @@ def _train_main(args) -> int:
     train(args.model_dir, recipe, out_dir=args.out, prompts=prompts, cache_dir=args.cache_dir,
           progress=not args.no_progress, command=getattr(args, "command", None))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vllm_e3.train ...` = `vllm-e3 train ...`."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,7 +31,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from ..attention import AttentionView
 from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
 from ..exits import ExitPlan, StackedKVFill, forced_exit_mask
-from ..knobs import CalibrationTable
+from ..calibration import Calibration
 from ..kernels import exit_confidence, gate_confidence
 from ..profile import timed
 from ..step import current_step
@@ -67,7 +67,7 @@ class E3CausalLMMixin:
             for e in self.e3.exits
         })
         require_gates(self.e3, specs, ramps_path)
-        self.e3_table = CalibrationTable.load(os.path.join(e3_dir(vllm_config.model_config.model),
+        self.e3_table = Calibration.load(os.path.join(e3_dir(vllm_config.model_config.model),
                                                            CALIBRATION_FILENAME))
         # the stages [start, end) as compile units (vllm_e3/models/stage.py),
         # keyed by start layer; a plain dict attribute, not submodules: the
