@@ -56,8 +56,8 @@ def check_against_model(e3cfg, vllm_config) -> None:
     ramp shapes and the ramps' base-model hash (vllm_e3.ramps.model_hash),
     gates where confidence `gate` needs them, and a calibration table that
     belongs to these ramps."""
-    from vllm_e3.config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_dir
     from vllm_e3.calibration import Calibration
+    from vllm_e3.config import CALIBRATION_FILENAME, RAMPS_FILENAME, E3ConfigError, e3_dir, shortlist_k
     from vllm_e3.ramps import read_ramps_header, require_gates, validate_ramps
 
     hf = vllm_config.model_config.hf_config
@@ -75,6 +75,11 @@ def check_against_model(e3cfg, vllm_config) -> None:
     if table is not None:
         table.check_against_ramps(ramps if has_ramps else None,
                                   read_ramps_header(ramps)[0] if has_ramps else None, specs)
+        table.shortlist_ids(e3cfg.confidence)
+    elif shortlist_k(e3cfg.confidence) is not None:
+        raise E3ConfigError(f"confidence {e3cfg.confidence!r} reads the shortlist of "
+                            f"{os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME)}, and there is none: "
+                            f"run `vllm-e3 calibrate`")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         raise ValueError("--model-impl e3 does not support pipeline parallelism")
 

@@ -41,6 +41,13 @@ def test_exit_fractions_of_deployed_and_of_verified_choices():
     assert cal.fractions_for({}, "gate") is None
 
 
+def test_the_shortlist_a_measure_reads():
+    cal = Calibration.from_dict(dict(RAW, shortlist=[7, 3, 9]))
+    assert cal.shortlist_ids("shortlist@2") == [7, 3] and cal.shortlist_ids("gate") is None
+    with pytest.raises(E3ConfigError, match="needs 4 shortlist tokens"):
+        cal.shortlist_ids("shortlist@4")
+
+
 def test_a_file_that_is_not_a_calibration_is_refused_naming_it(tmp_path):
     bad = dict(RAW, table=[{"target_agreement": 0.9, "policy": "token",
                             "chosen": _choice("gate", [0.5], [0.1])}])     # one threshold for two exits

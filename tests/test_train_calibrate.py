@@ -359,6 +359,7 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_dir, tiny_artifact, tmp_pat
     # a shortlist check reads fewer rows of the head than the full-vocabulary one
     assert q[f"{SHORTLIST}16"]["check_layers"] < q["max_prob"]["check_layers"]
     assert set(rep["shortlist_coverage"]) == {16, 128}
+    assert len(cal["shortlist"]) == 128 and len(set(cal["shortlist"])) == 128   # stored for the engine
     assert {r["measure"] for r in rep["frontier"]} >= {f"{SHORTLIST}16", "gate"}
 
 

@@ -65,8 +65,8 @@ import torch
 from .bounds import ALPHA, binom_cdf, cp_upper  # noqa: F401  (re-exported)
 from .simulate import MIN_GAIN
 from .calibration import save as save_calibration
-from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME,
-                     E3Config, E3ConfigError, e3_dir)
+from .config import (CALIBRATION_FILENAME, CONFIDENCE_MEASURES, CONFIG_FILENAME, RAMPS_FILENAME, SHORTLIST,
+                     E3Config, E3ConfigError, e3_dir, shortlist_k)
 from .files import write_json
 from .kernels import confidence_from_logits
 from .ramps import Ramp, check_base_model, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
@@ -142,19 +142,15 @@ def score(c: Captured, ramps: dict[int, Ramp], head: FrozenHead) -> Scores:
     return Scores(exits, torch.stack(agree, 1), {m: torch.stack(v, 1) for m, v in conf.items()}, c.seq)
 
 
-# ---- shortlist confidence (report only) ------------------------------------------------------
-# Max-prob over a shortlist of the head's rows: the K tokens the full model served most often
-# on the training corpus (never the held-out data). The kernel reads only those rows
-# (kernels/exit_confidence.py, `index`), K/V of the head's bytes and FLOPs. A row whose served
-# token is outside the shortlist cannot agree at that exit unless the ramp's full top-1 is in
-# it too; the confidence is the softmax over the K logits, which overstates p1 by the mass
-# outside. Scored here for the frontier in the report; the engine does not deploy it.
-SHORTLIST = "shortlist@"
+# ---- shortlist confidence --------------------------------------------------------------------
+# Max-prob over a shortlist of the head's rows (measure shortlist@K): the K tokens the full model
+# served most often on the training corpus (never the held-out data), stored in calibration.json.
+# The kernel reads only those rows (kernels/exit_confidence.py, `index`; the engine gathers them
+# once), K/V of the head's bytes and FLOPs. A row's exit token is its top-1 over the shortlist,
+# so a token outside it never exits right; the confidence is the softmax over the K logits,
+# which overstates p1 by the mass outside. Cf. the "adaptive softmax" head clusters of Grave et
+# al. 2017 (frequent tokens first) and CALM's softmax-based confidence (Schuster et al. 2022).
 SHORTLIST_KS = (256, 1024, 4096)
-
-
-def shortlist_k(measure: str) -> int:
-    return int(measure[len(SHORTLIST):])
 
 
 def shortlist_from(served: list[list[int]], vocab: int, K: int) -> torch.Tensor:
@@ -517,18 +513,25 @@ def verify(s: Scores, measure: str, rungs, costs: Costs, L: int, target: float, 
 
 
 def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
-                     measures=CONFIDENCE_MEASURES, engine: EngineModel | None = None) -> dict:
+                     measures=CONFIDENCE_MEASURES, engine: EngineModel | None = None,
+                     extra: dict[str, Scores] | None = None) -> dict:
     """The calibration table: per target, per measure and the winner. With
     `engine`, a measure's choice pays only if the engine model puts it at
     most 1 - engine.min_gain of `full` on every workload; the winner is the
-    one it models fastest. Without, a choice pays below 1.0 per-row cost."""
+    one it models fastest. Without, a choice pays below 1.0 per-row cost.
+    `extra`: more measures, each with its own Scores (the same rows; a
+    shortlist measure's agreement is its own top-1's)."""
     nseq = int(s.seq.max()) + 1
     perm = torch.randperm(nseq, generator=torch.Generator().manual_seed(seed))
     a_seq = perm[: nseq // 2]
     in_a = torch.isin(s.seq, a_seq.to(s.seq.dtype))
     sa, sb = s.rows(in_a), s.rows(~in_a)
     measures = [m for m in measures if m != "gate" or bool(s.conf["gate"].any())]
-    rungs = {m: ladder(sa, m, costs, L) for m in measures}
+    split = {m: (sa, sb) for m in measures}
+    for m, sm in (extra or {}).items():
+        split[m] = (sm.rows(in_a), sm.rows(~in_a))
+        measures.append(m)
+    rungs = {m: ladder(split[m][0], m, costs, L) for m in measures}
     # Only measures that save anything on A are tested on B (a decision made
     # without B, so the Bonferroni split over the tested ones stays valid).
     tested = [m for m in measures if any(any(x is not None for x in thr) for _, thr in rungs[m])]
@@ -538,7 +541,7 @@ def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
         per = {m: "no saving on the selection split at any rung (cost >= full)"
                for m in measures if m not in tested}
         for m in tested:
-            got = verify(sb, m, rungs[m], costs, L, t, alpha)
+            got = verify(split[m][1], m, rungs[m], costs, L, t, alpha)
             if got is None:
                 per[m] = None
                 continue
@@ -547,7 +550,7 @@ def calibrate_scores(s: Scores, costs: Costs, L: int, targets, *, seed: int = 0,
                       "exits_kept": [e for e, x in zip(s.exits, thr) if x is not None],
                       "verify": {**o.summary(L), "cp_upper_95": cp_upper(o.errors, o.n, ALPHA),
                                  f"cp_upper_{1 - alpha:.4f}": cp_upper(o.errors, o.n, alpha)},
-                      "select": simulate(sa, m, thr, costs, L).summary(L)}
+                      "select": simulate(split[m][0], m, thr, costs, L).summary(L)}
             if engine is not None:
                 v = per[m]["verify"]
                 per[m]["engine_net_cost"] = engine.net_costs(
@@ -852,10 +855,10 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     t1 = time.time()
     _log(f"calibrate: {c.num_rows} held-out decode rows from {len(pids)} prompts scored at exits "
          f"{list(s.exits)}, costs timed: {t1 - t0:.0f}s")
-    cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target), engine=engine)
-    # report only: the shortlist measures' frontier (the engine does not deploy them)
-    short_cal = [calibrate_scores(sk, costs, L, TARGET_GRID, engine=engine, measures=tuple(sk.conf))
-                 for sk in short.values()]
+    # every measure, the shortlist ones too, competes for each target
+    cal = calibrate_scores(s, costs, L, (*TARGET_GRID, target), engine=engine,
+                           extra={m: sk for sk in short.values() for m in sk.conf})
+    cal["shortlist"] = order.tolist()
     quality = confidence_quality([s, *short.values()], costs)
     covered = {K: round(float(torch.isin(c.served, order[:K]).float().mean()), 4) for K in ks}
     _log(f"calibrate: thresholds for targets {sorted({*TARGET_GRID, target})}: {time.time() - t1:.0f}s")
@@ -888,7 +891,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               "ramp_agreement": {str(e): float(s.agree[:, j].float().mean()) for j, e in enumerate(s.exits)},
               "per_exit": per_exit_sweeps(s, costs, L), "free_running": free,
               "confidence_quality": quality, "shortlist_coverage": covered,
-              "frontier": frontier([cal, *short_cal]),
+              "frontier": frontier([cal]),
               "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
     os.makedirs(out_dir, exist_ok=True)
     save_calibration(os.path.join(out_dir, CALIBRATION_FILENAME), cal)

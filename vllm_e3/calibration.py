@@ -21,6 +21,8 @@ planner's exit profile (vllm_e3.planner). The file is a JSON object:
       exits_kept       [int]
       verify           {agreement, exit_fraction: [float] per exit, cp_upper_95, ...}
       engine_net_cost  {"b16": float, ...} | absent
+    shortlist        [int]      token ids, most served on the training corpus first:
+                                the measure shortlist@K reads the first K
 
 plus the provenance calibrate records (commands, hashes, costs, engine model),
 which this module keeps as it is (`raw`).
@@ -31,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .config import CONFIDENCE_MEASURES, E3ConfigError
+from .config import CONFIDENCE_MEASURES, SHORTLIST, E3ConfigError, known_measure, shortlist_k
 from .files import write_json
 
 
@@ -58,6 +60,7 @@ class Calibration:
     ramps_data_hash: str | None
     source: str
     raw: dict
+    shortlist: tuple[int, ...] = ()     # token ids, most served first (measures shortlist@K)
 
     # ---- reading and writing -------------------------------------------
     @classmethod
@@ -73,9 +76,11 @@ class Calibration:
                 rows.append(Row(float(r["target_agreement"]),
                                 None if r.get("policy") == "full" or not chosen else _choice(chosen, exits),
                                 per, r.get("reason")))
+            shortlist = tuple(int(t) for t in raw.get("shortlist") or ())
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise E3ConfigError(f"cannot read calibration table {source}: {type(exc).__name__}: {exc}") from exc
-        return cls(exits, tuple(sorted(rows, key=lambda r: r.target)), raw.get("ramps_data_hash"), source, raw)
+        return cls(exits, tuple(sorted(rows, key=lambda r: r.target)), raw.get("ramps_data_hash"), source, raw,
+                   shortlist)
 
     @classmethod
     def load(cls, path: str) -> "Calibration | None":
@@ -116,6 +121,19 @@ class Calibration:
                     return dict(c.exit_fraction)
         return None
 
+    def shortlist_ids(self, measure: str) -> list[int] | None:
+        """The token ids confidence `measure` reads ("shortlist@K": the first
+        K of the shortlist), None for the other measures; E3ConfigError when
+        the file's shortlist is shorter."""
+        k = shortlist_k(measure)
+        if k is None:
+            return None
+        if len(self.shortlist) < k:
+            raise E3ConfigError(f"confidence {measure!r} needs {k} shortlist tokens and calibration table "
+                                f"{self.source} has {len(self.shortlist)}: recalibrate with `vllm-e3 "
+                                f"calibrate`, or choose a smaller K")
+        return list(self.shortlist[:k])
+
     def check_against_ramps(self, ramps_path: str | None, ramps_meta: dict | None, specs: dict) -> None:
         """Refuse a table made for other ramps: an exit the ramps file does
         not hold, a measure vllm-e3 does not know, `gate` rows at exits
@@ -137,9 +155,14 @@ class Calibration:
             c = row.chosen
             if c is None:
                 continue
-            if c.measure not in CONFIDENCE_MEASURES:
+            if not known_measure(c.measure):
                 raise E3ConfigError(f"{where}: row for target {row.target} uses confidence measure "
-                                    f"{c.measure!r}; vllm-e3 knows {list(CONFIDENCE_MEASURES)}")
+                                    f"{c.measure!r}; vllm-e3 knows {list(CONFIDENCE_MEASURES)} and "
+                                    f"{SHORTLIST}K")
+            k = shortlist_k(c.measure)
+            if k is not None and len(self.shortlist) < k:
+                raise E3ConfigError(f"{where}: row for target {row.target} uses {c.measure}, and the "
+                                    f"file's shortlist has {len(self.shortlist)} tokens")
             if c.measure == "gate":
                 gateless = sorted(e for e in c.thresholds if not (e in specs and specs[e].has_gate))
                 if gateless:

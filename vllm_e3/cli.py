@@ -22,6 +22,16 @@ def parse_exits(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"exits must be comma-separated integers, got {text!r}") from None
 
 
+def _measure(text: str) -> str:
+    """A --confidence value: a measure the engine scores, or "forced"."""
+    from .config import CONFIDENCE_MEASURES, SHORTLIST, known_measure
+
+    if text != "forced" and not known_measure(text):
+        raise argparse.ArgumentTypeError(f"choose one of {[*CONFIDENCE_MEASURES, 'forced']} or {SHORTLIST}K, "
+                                          f"got {text!r}")
+    return text
+
+
 def _prepare(args) -> int:
     import os
 
@@ -131,7 +141,7 @@ def _plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="runner slots (the engine's --max-num-seqs; default --batch): more than "
                         "--batch lets parked requests wait beside a full first stage")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--confidence", default=None, choices=["max_prob", "margin", "gate", "forced"],
+    p.add_argument("--confidence", default=None, type=_measure,
                    help="decision cost to assume (default: the E3 config's measure; "
                         "forced = a synthetic profile, no decision cost)")
     p.add_argument("--max-tpot-ratio", type=float, default=None,
@@ -183,7 +193,7 @@ def _layout_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hop-latency", type=float, default=0.0, help="fixed microseconds per hop")
     p.add_argument("--latency-bound", type=float, default=2.0,
                    help="p99 TPOT <= this x vanilla's (whole-model DP, same load)")
-    p.add_argument("--confidence", default="forced", choices=["max_prob", "margin", "gate", "forced"],
+    p.add_argument("--confidence", default="forced", type=_measure,
                    help="decision cost to assume (forced = synthetic profile, no decision cost)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--scale-to", default=None,

@@ -27,6 +27,21 @@ CALIBRATION_FILENAME = "calibration.json"
 
 POLICIES = ("full", "sync", "token", "e3")
 CONFIDENCE_MEASURES = ("max_prob", "margin", "gate")
+# max_prob over the first K ids of the calibration's shortlist (the tokens the
+# model served most on the training corpus): "shortlist@K"
+SHORTLIST = "shortlist@"
+
+
+def shortlist_k(measure: str) -> int | None:
+    """K of a "shortlist@K" measure (K >= 1), else None."""
+    if not isinstance(measure, str) or not measure.startswith(SHORTLIST):
+        return None
+    k = measure[len(SHORTLIST):]
+    return int(k) if k.isdigit() and int(k) >= 1 else None
+
+
+def known_measure(measure) -> bool:
+    return measure in CONFIDENCE_MEASURES or shortlist_k(measure) is not None
 
 
 class E3ConfigError(ValueError):
@@ -45,7 +60,9 @@ class E3Config:
     # all None.
     thresholds: tuple[float | None, ...] = ()
     # How confidence is scored: max softmax probability, top-1/top-2
-    # probability margin, or the ramp's learned gate.
+    # probability margin, the ramp's learned gate, or "shortlist@K": max
+    # softmax probability over the first K ids of the shortlist in
+    # e3/calibration.json (the head reads K of its V rows).
     confidence: str = "max_prob"
     # Synthetic exit profile for tests and benchmarks: {exit point: rate}.
     # Replaces the confidence test by the deterministic decision of
@@ -129,9 +146,10 @@ class E3Config:
                 )
         kw["thresholds"] = tuple(None if t is None else float(t) for t in thresholds)
         conf = kw.get("confidence", "max_prob")
-        if conf not in CONFIDENCE_MEASURES:
+        if not known_measure(conf):
             raise E3ConfigError(
-                f"{source}: unknown confidence measure {conf!r}; choose one of {list(CONFIDENCE_MEASURES)}"
+                f"{source}: unknown confidence measure {conf!r}; choose one of {list(CONFIDENCE_MEASURES)} "
+                f"or {SHORTLIST}K (max_prob over the calibration's K-token shortlist)"
             )
         kw["force_exit"] = _parse_force_exit(kw.get("force_exit") or {}, exits, source)
         tb = kw.get("target_batch", 32)

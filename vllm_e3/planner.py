@@ -144,6 +144,7 @@ def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
     b = 64
     x = torch.randn(b, d, dtype=dtype)
     out["head_per_row"] = _time(lambda: (x @ head_w.T).float().softmax(-1).max(-1), reps) / b
+    out["vocab"] = head_w.shape[0]
     out["decision_per_row"] = {
         "max_prob": out["head_per_row"],
         "margin": _time(lambda: (x @ head_w.T).float().topk(2, -1), reps) / b,
@@ -153,6 +154,18 @@ def _measure(model_dir, dtype, ctx, reps, batches) -> dict:
     out["fill_per_row_layer"] = _time(lambda: rms(x, n_in) @ kv_w.T, reps) / b
     out["num_layers"] = cfg["num_hidden_layers"]
     return out
+
+
+def decision_per_row(costs: dict, measure: str) -> float:
+    """Seconds of one exit decision per row: measured for max_prob, margin
+    and gate; shortlist@K as the full head's max_prob scaled to K of its
+    rows; forced (a synthetic profile) nothing."""
+    from .config import shortlist_k
+
+    k = shortlist_k(measure)
+    if k is not None:
+        return costs["decision_per_row"]["max_prob"] * min(1.0, k / costs.get("vocab", k))
+    return costs["decision_per_row"].get(measure, 0.0)
 
 
 def exit_profile(cfg, model_dir: str) -> dict[int, float] | None:
@@ -230,7 +243,7 @@ def per_token_cost(costs: dict, exits, fractions, B: int, measure: str, policy: 
     1 + sum_s S_s k_s steps (its waits parked)."""
     slots = slots or B
     L, layer = costs["num_layers"], costs["layer"]
-    dec = costs["decision_per_row"].get(measure, 0.0)
+    dec = decision_per_row(costs, measure)
     bounds = [0, *exits, L]
     surv = [1.0]
     for e in exits:
@@ -394,7 +407,7 @@ def main(args) -> int:
         lay = costs["layer"]
         print(f"decoder layer, ms per token by batch: " +
               ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
-        dec = costs["decision_per_row"].get(measure, 0.0)
+        dec = decision_per_row(costs, measure)
         print(f"decision per row ({measure}): {dec*1e3:.4f} ms = {dec / (lay[64] / 64):.2f} layers; "
               f"fill per row-layer {costs['fill_per_row_layer'] / (lay[64] / 64):.2f} layers")
         print(f"plan: policy {result['policy']}, exits {result['exits']}, target batch "

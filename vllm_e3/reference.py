@@ -69,12 +69,15 @@ class ReferenceE3:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_tokens: int, *, exits=(), force_exit=None,
                  thresholds=None, seed: int = 0, kv_fill: bool = True,
-                 eos_token_id: int | None = None, audit_rate: float = 0.0) -> tuple[list[int], list[int | None]]:
+                 eos_token_id: int | None = None, audit_rate: float = 0.0,
+                 shortlist: list[int] | None = None) -> tuple[list[int], list[int | None]]:
         """Greedy tokens and, per token, the exit it left at (None: full).
         With `audit_rate`, the exited tokens the online audit draws
         (vllm_e3.exits.audit_mask) also run the layers they skipped, with
         their own K/V for those layers while they do, and `self.audits` lists
-        (exit, ramp top-1 == full top-1) for each."""
+        (exit, ramp top-1 == full top-1) for each. `shortlist`: thresholds
+        apply to the max probability over those token ids' logits only
+        (confidence shortlist@K)."""
         self.audits: list[tuple[int, bool]] = []
         L = self.cfg.num_hidden_layers
         force_exit = {int(k): v for k, v in (force_exit or {}).items()}
@@ -94,7 +97,7 @@ class ReferenceE3:
             left = None
             for l in range(L):
                 if l in exits and l > 0:
-                    if self._leaves(l, x, p, tok, force_exit, thresholds, seed):
+                    if self._leaves(l, x, p, tok, force_exit, thresholds, seed, shortlist):
                         left = l
                         break
                 x = self._layer(l, x, pos, cache)
@@ -120,11 +123,13 @@ class ReferenceE3:
             where.append(left)
         return out, where
 
-    def _leaves(self, e, x, p, tok, force_exit, thresholds, seed) -> bool:
+    def _leaves(self, e, x, p, tok, force_exit, thresholds, seed, shortlist=None) -> bool:
         if e in force_exit:
             return forced_exit_u(seed, e, p, tok) < force_exit[e]
         t = thresholds.get(e)
         if t is None:
             return False
-        probs = self.model.lm_head(self.head_input(e, x)).float().softmax(-1)
-        return bool(probs.max() >= t)
+        logits = self.model.lm_head(self.head_input(e, x)).float()
+        if shortlist is not None:
+            logits = logits[..., torch.tensor(shortlist)]
+        return bool(logits.softmax(-1).max() >= t)

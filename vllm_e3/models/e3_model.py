@@ -69,6 +69,10 @@ class E3CausalLMMixin:
         require_gates(self.e3, specs, ramps_path)
         self.e3_table = Calibration.load(os.path.join(e3_dir(vllm_config.model_config.model),
                                                            CALIBRATION_FILENAME))
+        # confidence shortlist@K: the head rows the exit decision reads (checked at start-up)
+        ids = self.e3_table.shortlist_ids(self.e3.confidence) if self.e3_table is not None else None
+        self.e3_shortlist = torch.tensor(ids, dtype=torch.long) if ids is not None else None
+        self.e3_shortlist_head = None       # lm_head.weight[e3_shortlist], taken in load_weights
         # the stages [start, end) as compile units (vllm_e3/models/stage.py),
         # keyed by start layer; a plain dict attribute, not submodules: the
         # layers stay registered (and loaded) once, under model.layers
@@ -91,6 +95,9 @@ class E3CausalLMMixin:
                     param.data.copy_(tensors[key].to(param.dtype))
         loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
         self._e3_capture_kv_weights()
+        if self.e3_shortlist is not None:   # before vLLM's CPU path may repack the head
+            self.e3_shortlist_head = self.lm_head.weight[self.e3_shortlist.to(self.lm_head.weight.device)
+                                                         ].detach().clone()
         return loaded
 
     def _e3_capture_kv_weights(self) -> None:
@@ -182,6 +189,8 @@ class E3CausalLMMixin:
             if self.e3.confidence == "gate":
                 ramp = self.e3_ramps[str(e)]
                 res = gate_confidence(x, ramp.gate_weight[0], ramp.gate_bias, thr[idx])
+            elif self.e3_shortlist_head is not None:     # the K shortlist rows, gathered once
+                res = exit_confidence(x, self.e3_shortlist_head, thr[idx], measure="max_prob")
             else:
                 res = exit_confidence(x, self.lm_head.weight, thr[idx], measure=self.e3.confidence)
             leave[idx] = res.exit_mask.cpu()
