@@ -14,7 +14,8 @@ setup(
     version="0.1.0",
     description="Early-exit LLM serving for vLLM with E3 regrouping",
     python_requires=">=3.10",
-    packages=["vllm_e3", "vllm_e3.models", "vllm_e3.kernels", "vllm_e3.patches", "vllm_e3.artifacts"],
+    packages=["vllm_e3", "vllm_e3.models", "vllm_e3.tools", "vllm_e3.kernels", "vllm_e3.patches",
+              "vllm_e3.artifacts"],
     package_dir={
         "vllm_e3": "vllm_e3",
         "vllm_e3.models": "vllm_e3/models",

@@ -282,7 +282,7 @@ def main() -> None:
     # fitted from the step timings of the token cases (vllm_e3.profile): a
     # prediction of every case, e3 included, from runs of token only
     from vllm_e3.profile import fit_costs
-    from vllm_e3.simulate import rates_of, simulate, smooth_layer
+    from vllm_e3.simulate import simulate, smooth_layer
 
     fit_from = [c for c in profiled if c.startswith(("token/", "sweep:token/"))] or list(profiled)
     if fit_from:

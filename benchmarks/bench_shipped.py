@@ -54,10 +54,9 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from common import machine, median
-    from vllm_e3.calibrate import humaneval_prompts
+    from vllm_e3.tools.data import chat_token_ids, humaneval_prompts
     from vllm_e3.config import CALIBRATION_FILENAME, e3_dir, load_e3_config
     from vllm_e3.prepare import bare_view, prepare
-    from vllm_e3.train import chat_token_ids
 
     deployed = prepare()                                     # installs the shipped artifact
     bare = bare_view(deployed)

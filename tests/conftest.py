@@ -1,6 +1,5 @@
 """Shared fixtures: the prepared embedded model, and engine settings for this
 2-core machine. Engines take ~25 s to start: modules share one per case."""
-import gc
 import os
 
 import pytest

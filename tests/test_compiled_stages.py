@@ -3,7 +3,7 @@ exit points) is a compiled unit (vllm_e3/models/stage.py) and the exit logic
 runs eagerly between them. One compiled E3 engine (no enforce_eager, policy
 e3 set up, the other policies per request) serves every E3 case, then one
 compiled vanilla engine; ids are compared in float32 against the
-plain-PyTorch reference (vllm_e3/reference.py), which with no exit firing is
+plain-PyTorch reference (vllm_e3/tools/reference.py), which with no exit firing is
 the full model, against compiled vanilla (rate 0, policy full), and policy
 e3 against token.
 
@@ -71,7 +71,7 @@ class Reference:
     the top-2 logit margin of the reference at a given step."""
 
     def __init__(self, model_dir):
-        from vllm_e3.reference import ReferenceE3
+        from vllm_e3.tools.reference import ReferenceE3
 
         self.impl = ReferenceE3(model_dir, dtype=torch.float32)
         self.cache = {}

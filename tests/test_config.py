@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_e3.config import E3Config, E3ConfigError, load_e3_config
-from vllm_e3.ramps import RAMPS_FORMAT, save_ramps, validate_ramps
+from vllm_e3.ramps import save_ramps, validate_ramps
 
 
 @pytest.mark.parametrize("raw, msg", [

@@ -66,7 +66,7 @@ def test_engine_on_the_deployed_model_uses_the_shipped_config(deployed_model_dir
     shipped config.json's, tokens leave only there, and it still answers."""
     from vllm import LLM, SamplingParams
 
-    from vllm_e3.train import builtin_prompts
+    from vllm_e3.tools.data import builtin_prompts
 
     shipped = json.load(open(_shipped("config.json")))
     cfg = load_e3_config(deployed_model_dir)

@@ -156,7 +156,7 @@ def test_prompt_positions_never_exit(chunky, model_dir):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_e3.reference import ReferenceE3
+    from vllm_e3.tools.reference import ReferenceE3
 
     llm, prompts = chunky
     n_out = 6

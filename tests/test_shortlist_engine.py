@@ -15,10 +15,10 @@ EXIT, K, THRESHOLD, MAX_TOKENS = 22, 512, 0.6, 24
 @pytest.fixture(scope="module")
 def setup(model_dir, tmp_path_factory):
     """The shortlist: the tokens the full model serves on PROMPTS, most
-    frequent first, then by id (vllm_e3.calibrate.shortlist_from), planted in
+    frequent first, then by id (vllm_e3.tools.selection.shortlist_from), planted in
     a calibration.json beside identity ramps."""
-    from vllm_e3.calibrate import shortlist_from
-    from vllm_e3.reference import ReferenceE3
+    from vllm_e3.tools.selection import shortlist_from
+    from vllm_e3.tools.reference import ReferenceE3
 
     torch.set_num_threads(1)
     ref = ReferenceE3(model_dir, dtype=torch.float32)

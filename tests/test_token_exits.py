@@ -57,7 +57,7 @@ class CachedReference:
     """ReferenceE3 with each (prompt, profile) generated once per module."""
 
     def __init__(self, model_dir):
-        from vllm_e3.reference import ReferenceE3
+        from vllm_e3.tools.reference import ReferenceE3
 
         self.impl = ReferenceE3(model_dir, dtype=torch.float32)
         self.model = self.impl.model

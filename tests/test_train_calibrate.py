@@ -16,13 +16,16 @@ import os
 import pytest
 import torch
 
-from vllm_e3.calibrate import (Costs, EngineModel, Scores, binom_cdf, calibrate_scores, cp_upper, free_run,
-                               free_run_batched, load_ramps, simulate)
-from vllm_e3.simulate import net_cost
+from vllm_e3.bounds import binom_cdf, cp_upper
 from vllm_e3.config import E3Config, E3ConfigError
 from vllm_e3.ramps import model_hash, read_ramps_header, validate_ramps
-from vllm_e3.train import (Corpus, FrozenHead, Recipe, builtin_prompts, capture, load_base, ramp_eval,
-                           topk_kl, train, train_ramp)
+from vllm_e3.simulate import net_cost
+from vllm_e3.tools.calibrate import load_ramps
+from vllm_e3.tools.costs import Costs, EngineModel
+from vllm_e3.tools.data import Corpus, FrozenHead, builtin_prompts, capture, load_base, ramp_eval, topk_kl
+from vllm_e3.tools.reference import free_run, free_run_batched
+from vllm_e3.tools.selection import Scores, calibrate_scores, evaluate
+from vllm_e3.tools.train import Recipe, train, train_ramp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARED = os.path.expanduser(os.path.join(os.environ.get("VLLM_E3_HOME", "~/.cache/vllm-e3"),
@@ -239,7 +242,7 @@ def test_calibration_meets_target_on_planted_data():
     assert (1 - t) ** 2 / 2 <= 0.0101
     assert best["verify"]["cp_upper_95"] <= 0.01
     # a fresh sample from the same distribution agrees >= 99% at the chosen thresholds
-    fresh = simulate(planted(seed=7), "gate", best["thresholds"], COSTS, 16)
+    fresh = evaluate(planted(seed=7), "gate", best["thresholds"], COSTS, 16)
     assert 1 - fresh.errors / fresh.n >= 0.99 - 0.002
     assert best["verify"]["expected_net_cost"] < 1.0
     # a looser target exits more
@@ -319,7 +322,7 @@ def test_simulate_counts_costs():
     s = Scores((2,), torch.tensor([[True], [False], [True], [True]]),
                {m: torch.tensor([[0.9], [0.95], [0.1], [0.99]]) for m in ("max_prob", "margin", "gate")},
                torch.zeros(4, dtype=torch.int32))
-    o = simulate(s, "gate", [0.5], COSTS, 4)
+    o = evaluate(s, "gate", [0.5], COSTS, 4)
     # rows 0, 1, 3 leave at 2 (row 1 disagrees); row 2 runs all 4 layers
     assert o.errors == 1 and o.exit_frac == [0.75]
     check = COSTS.ramp + COSTS.gate
@@ -334,7 +337,8 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_dir, tiny_artifact, tmp_pat
     and the frontier. The engine's verdict itself: the planted test above."""
     import shutil
 
-    from vllm_e3.calibrate import SHORTLIST, calibrate
+    from vllm_e3.config import SHORTLIST
+    from vllm_e3.tools.calibrate import calibrate
 
     out = tmp_path / "e3"
     shutil.copytree(os.path.dirname(tiny_artifact), out)
@@ -364,13 +368,13 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_dir, tiny_artifact, tmp_pat
 
 
 def test_auc_and_shortlist_order_against_literal_values():
-    from vllm_e3.calibrate import auc, shortlist_from
+    from vllm_e3.tools.selection import auc, shortlist_from
 
     # two of four pairs ordered right, one tie counted half, one wrong: (2 + 0.5 + 0) / 4 ... by hand:
     # positives 0.35, 0.8 against negatives 0.1, 0.4: 0.35>0.1, 0.35<0.4, 0.8>0.1, 0.8>0.4 -> 3/4
     assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])) == 0.75
     assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5
-    assert math.isnan(auc(torch.tensor([0.5, 0.7]), torch.tensor([True, True])))
+    assert auc(torch.tensor([0.5, 0.7]), torch.tensor([True, True])) == 0.5      # no negatives
     # by count, then unseen ids in order
     assert shortlist_from([[5, 5, 3], [3, 7, 5]], 10, 4).tolist() == [5, 3, 7, 0]
 

@@ -1,4 +1,4 @@
-"""Exact binomial bounds: the calibration's verify test (vllm_e3.calibrate) and
+"""Exact binomial bounds: the calibration's verify test (vllm_e3.tools.selection) and
 the online audit's live agreement on /metrics (vllm_e3.metrics) use the same
 one-sided Clopper-Pearson bound."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`e3/calibration.json`: its schema and its one owner.
 
-`vllm-e3 calibrate` (vllm_e3.calibrate) writes it with `save`; the serving
+`vllm-e3 calibrate` (vllm_e3.tools.calibrate) writes it with `save`; the serving
 path reads it with `Calibration.load`: per-request targets (vllm_e3.knobs),
 the start-up checks against the ramps (patches/patch_arg_utils.py) and the
 planner's exit profile (vllm_e3.planner). The file is a JSON object:

@@ -97,7 +97,7 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     _tool_args(p, "the e3 folder to write (default MODEL_DIR/e3)",
                "dtype of the vLLM engine that generates the corpus: the deployment whose outputs are "
                "the reference")
-    p.set_defaults(handler="vllm_e3.train:run")
+    p.set_defaults(handler="vllm_e3.tools.train:run")
     return p
 
 
@@ -125,7 +125,7 @@ def _calibrate_parser(subparsers) -> argparse.ArgumentParser:
                         "full's time on every workload (default %(default)s)")
     _tool_args(p, "the e3 folder holding ramps.safetensors (default MODEL_DIR/e3)",
                "dtype of the vLLM engine whose outputs are the reference")
-    p.set_defaults(handler="vllm_e3.calibrate:run")
+    p.set_defaults(handler="vllm_e3.tools.calibrate:run")
     return p
 
 

@@ -34,13 +34,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .config import POLICIES
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 KNOBS = ("e3_enabled", "e3_target_agreement")
 TEST_KEY = "_e3_test"

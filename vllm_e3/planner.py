@@ -405,7 +405,7 @@ def main(args) -> int:
         result = plan(costs, exits, fractions, args.batch, measure, args.slots, policies,
                       cfg.max_park_steps, max_tpot)
         lay = costs["layer"]
-        print(f"decoder layer, ms per token by batch: " +
+        print("decoder layer, ms per token by batch: " +
               ", ".join(f"{b}:{1e3 * lay[b] / b:.3f}" for b in costs["batches"]))
         dec = decision_per_row(costs, measure)
         print(f"decision per row ({measure}): {dec*1e3:.4f} ms = {dec / (lay[64] / 64):.2f} layers; "

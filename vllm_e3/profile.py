@@ -25,7 +25,6 @@ for; recording costs two `perf_counter` calls per timed piece.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import deque
 
@@ -221,7 +220,7 @@ def main(args) -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, costs, indent=1)
     lay = costs["layer"]
-    print(f"layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
+    print("layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
                                              if m & (m - 1) == 0))
     print(f"exit boundary {1e3 * costs['exit_s']:.2f} ms, head {1e3 * costs['head_s']:.3f} ms/row, "
           f"rest of a step {1e3 * costs['step_s']:.1f} ms + {1e3 * costs['row_s']:.2f} ms/request")
