@@ -371,6 +371,9 @@ def test_model_hash_reads_o1_of_the_weights(tmp_path, prepared_model_dir):
 
 def test_calibration_for_other_ramps_is_refused(deployed_model_dir, tmp_path):
     cal = json.load(open(os.path.join(deployed_model_dir, "e3", "calibration.json")))
+    # the shipped table deploys nothing; make its first row choose its verified gate thresholds
+    row = cal["table"][0]
+    row.update(policy="token", chosen=row["per_measure"]["gate"])
     for change, msg in ((lambda c: c.update(exits=[16, 20, 24, 26]), "exits \\[26\\]"),
                         (lambda c: c["table"][0]["chosen"].update(measure="entropy"), "'entropy'"),
                         (lambda c: c.update(ramps_data_hash="0" * 64), "made for other ramps")):
