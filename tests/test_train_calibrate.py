@@ -109,6 +109,39 @@ def test_training_lowers_loss_and_beats_identity(tiny_captured):
     assert agree_tr > agree_id + 0.03, (agree_id, agree_tr)
 
 
+def test_teacher_forced_rows_are_labelled_with_the_models_top1(tiny_dir):
+    """Text that is not the model's output (Corpus.forced): a row's label is
+    the full model's own top-1 there, not the text's next token."""
+    model = load_base(tiny_dir)
+    pids = tiny_prompts(6, seed=3)
+    gens = random_continuations(tiny_dir, pids, 10)
+    forced = capture(model, Corpus(pids, gens, forced=True), [2], progress=False)
+    served = capture(model, Corpus(pids, gens), [2], progress=False)
+    assert torch.equal(forced.served, forced.top_ids[:, 0])
+    assert torch.equal(served.served, torch.tensor([t for g in gens for t in g[1:]]))
+    assert not torch.equal(forced.served, served.served)
+    assert Corpus(pids, gens, forced=True).data_hash() != Corpus(pids, gens).data_hash()
+    both = served.cat(forced)
+    assert both.num_rows == 2 * served.num_rows and int(both.seq.max()) == 2 * len(pids) - 1
+
+
+def test_text_corpus_is_deterministic_and_keeps_out_what_it_is_told(prepared_model_dir):
+    from transformers import AutoTokenizer
+
+    from vllm_e3.tools.data import text_corpus
+
+    tok = AutoTokenizer.from_pretrained(prepared_model_dir)
+    c, prov = text_corpus(tok, 8, 32, [])
+    assert len(c.gen_ids) == 8 and all(len(p) == 1 and len(g) == 31 for p, g in zip(c.prompt_ids, c.gen_ids))
+    assert c.forced and "PSF License" in prov["source"] and prov["dropped_overlapping_heldout"] == 0
+    again, _ = text_corpus(tok, 8, 32, [])
+    assert again.data_hash() == c.data_hash()
+    first = tok.decode(c.prompt_ids[0] + c.gen_ids[0])
+    kept, prov2 = text_corpus(tok, 8, 32, [first])
+    assert prov2["dropped_overlapping_heldout"] >= 1
+    assert c.prompt_ids[0] + c.gen_ids[0] not in [p + g for p, g in zip(kept.prompt_ids, kept.gen_ids)]
+
+
 def test_capture_rows_are_the_decode_rows(tiny_captured):
     model, c = tiny_captured
     # 64 sequences of 40 generated tokens -> 39 decode rows each; served[r] is the token after row r

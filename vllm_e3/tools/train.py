@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from ..config import RAMPS_FILENAME, E3ConfigError, e3_dir
 from ..files import write_json
 from ..ramps import Ramp, model_hash, ramp_key, save_ramps, validate_ramps
-from .data import (TOP_K, Captured, FrozenHead, _log, _tqdm, build_corpus, builtin_prompts, captured_cached,
-                   chat_token_ids, load_base, ramp_eval, read_prompts_jsonl, topk_kl)
+from .data import (TEXT_SOURCE, TOP_K, Captured, FrozenHead, _log, _sha, _tqdm, build_corpus, builtin_prompts,
+                   captured_cached, chat_token_ids, heldout_prompts, humaneval_reserved, load_base, ramp_eval,
+                   read_prompts_jsonl, text_corpus, topk_kl)
 from .selection import auc
 
 
@@ -166,6 +167,10 @@ class Recipe:
     valid_fraction: float = 0.1
     gate_rows: int = 2048
     engine_dtype: str = "float32"
+    # teacher-forced text windows (vllm_e3.tools.data.text_corpus) added to the
+    # training rows; 0: the model's own outputs only
+    text_windows: int = 0
+    text_tokens: int = 96
 
 
 def _split_rows(c: Captured, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,17 +209,32 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
                           dtype=recipe.engine_dtype, cache_dir=cache_dir, generate=generate)
     data_hash = corpus.data_hash()
     c = captured_cached(model, base_hash, corpus, exits, cache_dir=cache_dir, progress=progress)
+    text = None
+    if recipe.text_windows:
+        from transformers import AutoTokenizer
+
+        tcorpus, text = text_corpus(AutoTokenizer.from_pretrained(model_dir), recipe.text_windows,
+                                    recipe.text_tokens, heldout_prompts(100, True) + humaneval_reserved(),
+                                    seed=recipe.seed)
+        ct = captured_cached(model, base_hash, tcorpus, exits, cache_dir=cache_dir, progress=progress)
+        data_hash = _sha({"greedy": data_hash, "text": tcorpus.data_hash()})
+        text["rows"] = ct.num_rows
+        _log(f"train: {ct.num_rows} teacher-forced rows from {text['windows']} windows of {TEXT_SOURCE}")
     head = FrozenHead.of(model)
     del model
     gc.collect()
 
+    # validation rows are the model's own outputs only, so the figures compare across recipes
     tr, va = _split_rows(c, recipe.valid_fraction, recipe.seed)
     ctr, cva = c.rows(tr), c.rows(va)
+    if text is not None:
+        ctr = ctr.cat(ct)
     # "The full model's top-1" is the token vanilla vLLM served; in bf16 the fp32
     # teacher's argmax differs from it on ~1-2% of rows (near-ties).
     final_tr, final_va = ctr.served, cva.served
     tensors: dict[str, torch.Tensor] = {}
-    report = {"model_dir": os.path.abspath(model_dir), "rows_train": int(tr.sum()), "rows_valid": int(va.sum()),
+    report = {"model_dir": os.path.abspath(model_dir), "rows_train": ctr.num_rows, "rows_valid": int(va.sum()),
+              "text_corpus": text,
               "served_vs_fp32_top1": float((c.served == c.top_ids[:, 0]).float().mean()), "exits": {}}
     _log(f"train: {report['rows_train']} rows, {report['rows_valid']} validation rows; "
          f"fp32 top-1 = vLLM ({recipe.engine_dtype}) token on {100 * report['served_vs_fp32_top1']:.1f}% of rows")
@@ -271,6 +291,7 @@ def run(args) -> int:
         prompts = (prompts if prompts is not None else builtin_prompts("train"))[:args.max_prompts]
     recipe = Recipe(exits=args.exits, rank=args.rank, max_tokens=args.max_tokens, mse_steps=args.mse_steps, steps=args.steps,
                     batch=args.batch, lr=args.lr, seed=args.seed, engine_dtype=args.engine_dtype,
+                    text_windows=args.text_windows, text_tokens=args.text_tokens,
                     prompts=os.path.basename(args.prompts) if args.prompts else "builtin:train")
     train(args.model_dir, recipe, out_dir=args.out, prompts=prompts, cache_dir=args.cache_dir,
           progress=not args.no_progress, command=getattr(args, "command", None))
