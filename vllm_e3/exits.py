@@ -38,16 +38,7 @@ def forced_exit_u(seed: int | str, e: int, position: int, token_id: int) -> floa
     return struct.unpack(">Q", digest[:8])[0] / _U64
 
 
-def audit_mask(seed: int, e: int, rate: float, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """[n] bool: which tokens exiting at `e` the online audit checks (E3Config.audit_rate):
-    the synthetic profile's draw under another key, so a reference can reproduce it."""
-    if rate >= 1.0:
-        return torch.ones(positions.numel(), dtype=torch.bool)
-    return torch.tensor([forced_exit_u(f"audit{seed}", e, p, t) < rate
-                         for p, t in zip(positions.tolist(), token_ids.tolist())], dtype=torch.bool)
-
-
-def forced_exit_mask(seed: int, e: int, rate: torch.Tensor, positions: torch.Tensor,
+def forced_exit_mask(seed: int | str, e: int, rate: torch.Tensor, positions: torch.Tensor,
                      token_ids: torch.Tensor) -> torch.Tensor:
     """[n] bool: which rows leave at `e`, each under its own rate [n]."""
     out = rate >= 1.0
@@ -57,6 +48,12 @@ def forced_exit_mask(seed: int, e: int, rate: torch.Tensor, positions: torch.Ten
         out[mid] = torch.tensor(
             [forced_exit_u(seed, e, p, t) < q for p, t, q in zip(pos, tok, r)], dtype=torch.bool)
     return out
+
+
+def audit_mask(seed: int, e: int, rate: float, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[n] bool: which tokens exiting at `e` the online audit checks (E3Config.audit_rate):
+    the synthetic profile's draw under another key, so a reference can reproduce it."""
+    return forced_exit_mask(f"audit{seed}", e, torch.full((positions.numel(),), float(rate)), positions, token_ids)
 
 
 @dataclass
