@@ -34,14 +34,8 @@ class ReferenceE3:
 
     # ---- one layer's pieces -------------------------------------------
     def _kv(self, l: int, x_normed: torch.Tensor, pos: torch.Tensor):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        a = self.model.model.layers[l].self_attn
-        t, hd = x_normed.shape[0], a.head_dim
-        k = a.k_proj(x_normed).view(t, -1, hd).transpose(0, 1)[None]
-        v = a.v_proj(x_normed).view(t, -1, hd).transpose(0, 1)[None]
         cos, sin = self.model.model.rotary_emb(x_normed[None], pos[None])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k, v = layer_kv(self.model.model.layers[l].self_attn, x_normed[None], cos, sin)
         return k[0], v[0]                                   # [kvh, t, hd]
 
     def _layer(self, l: int, x: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
@@ -144,6 +138,22 @@ class ReferenceE3:
 
 # ---- free-running quality (transformers layers and cache) -------------------------
 @torch.no_grad()
+def layer_kv(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one KV fill of the references: K (with RoPE) and V of attention
+    `attn` for input-normed states h [b, t, d]: [b, kv_heads, t, head_dim] each."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, t = h.shape[:2]
+    k = attn.k_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    return apply_rotary_pos_emb(k, k, cos, sin)[1], v
+
+
+def _kv(layer, x: torch.Tensor, pe) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer_kv` of decoder layer `layer` for pre-norm states x [b, 1, d]."""
+    return layer_kv(layer.self_attn, layer.input_layernorm(x), *pe)
+
+
 def kv_fill(model, x: torch.Tensor, pe, cache, layers) -> None:
     """K/V of `layers` for rows that left with pre-ramp state x [b, 1, d]:
     each layer's own input norm -> K/V projections -> RoPE on K -> cache."""
@@ -187,17 +197,6 @@ def free_run(model, head: FrozenHead, ramps: dict[int, Ramp], cfg: E3Config, pro
         where.append(left)
         pos += 1
     return toks, where
-
-
-def _kv(layer, x: torch.Tensor, pe) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (with RoPE) and V of layer for states x [b, 1, d]: [b, kv_heads, 1, head_dim] each."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    k = attn.k_proj(h).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(x.shape[0], 1, -1, attn.head_dim).transpose(1, 2)
-    return apply_rotary_pos_emb(k, k, *pe)[1], v
 
 
 @torch.no_grad()
