@@ -24,7 +24,7 @@ import torch
 from ..config import SHORTLIST, E3ConfigError, shortlist_k
 from ..kernels import confidence_from_logits
 from ..ramps import Ramp
-from ..simulate import MIN_GAIN
+from ..simulate import DEPLOY_WORKLOADS, MIN_GAIN, layer_curve, net_cost
 
 
 @dataclass
@@ -59,27 +59,23 @@ class EngineModel:
     (benchmarks/RESULTS.md, "The planner simulates the engine")."""
     costs: dict                      # vllm_e3.profile.fit_costs, layer keys int
     source: str
-    workloads: tuple = ()            # vllm_e3.simulate.DEPLOY_WORKLOADS by default
+    workloads: tuple = DEPLOY_WORKLOADS
     min_gain: float = MIN_GAIN
 
     def check_s(self, costs: "Costs", measure: str) -> float:
         """Seconds per row of one exit decision in the engine: the decision's per-row
         cost in decoder layers (timed here with torch) at the engine's layer time on
         `costs.rows` rows."""
-        from ..simulate import layer_curve
-
         return costs.confidence(measure) * layer_curve(self.costs["layer"])(costs.rows) / costs.rows
 
     def net_costs(self, exits, fractions: dict, check_s: float) -> dict[str, float]:
         """Modelled seconds against `full`, per workload ("b16": ...)."""
-        from ..simulate import DEPLOY_WORKLOADS, net_cost
-
         return {f"b{w['batch']}": round(net_cost(self.costs, exits, fractions, check_s=check_s, **w), 5)
-                for w in (self.workloads or DEPLOY_WORKLOADS)}
+                for w in self.workloads}
 
     def to_dict(self) -> dict:
         return {"source": self.source, "min_gain": self.min_gain,
-                "workloads": list(self.workloads) or None, "costs": self.costs}
+                "workloads": list(self.workloads), "costs": self.costs}
 
     @classmethod
     def load(cls, path: str, num_layers: int, min_gain: float = MIN_GAIN) -> "EngineModel":
