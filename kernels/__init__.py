@@ -23,6 +23,7 @@ from .compact import Compacted, compact_ref, compact_triton, scatter_rows
 from .dispatch import compact, exit_confidence, gate_confidence, kernel_backend, use_triton
 from .exit_confidence import (
     MEASURES,
+    ConfidencePartials,
     ExitConfidence,
     confidence_from_logits,
     exit_confidence_ref,
@@ -30,12 +31,13 @@ from .exit_confidence import (
     exit_confidence_triton,
     gate_confidence_ref,
     gate_confidence_triton,
+    merge_partials,
 )
 
 __all__ = [
-    "HAS_TRITON", "MEASURES", "Compacted", "ExitConfidence",
+    "HAS_TRITON", "MEASURES", "Compacted", "ConfidencePartials", "ExitConfidence",
     "compact", "compact_ref", "compact_triton", "scatter_rows",
     "exit_confidence", "exit_confidence_ref", "exit_confidence_torch", "exit_confidence_triton",
     "confidence_from_logits", "gate_confidence", "gate_confidence_ref", "gate_confidence_triton",
-    "kernel_backend", "use_triton",
+    "kernel_backend", "merge_partials", "use_triton",
 ]

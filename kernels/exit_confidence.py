@@ -333,6 +333,64 @@ def exit_confidence_triton(
     return ExitConfidence(confidence, argmax, exit_mask)
 
 
+@dataclass
+class ConfidencePartials:
+    """Per-row statistics of one vocabulary range (the kernel's per-split partials,
+    in torch): the top logit `m1`, the second `m2` (-inf for a range of one id), the
+    sum `s` of exp(z - m1), and the top-1's vocabulary id `a`. An empty range is
+    m1 = m2 = -inf, s = 0. Ranges merge as in the module docstring, so a vocabulary
+    split across tensor-parallel ranks is just more splits (vllm_e3.parallel)."""
+    m1: torch.Tensor  # [n] fp32
+    m2: torch.Tensor  # [n] fp32
+    s: torch.Tensor  # [n] fp32
+    a: torch.Tensor  # [n] int64
+
+    @classmethod
+    def of_logits(cls, logits: torch.Tensor) -> "ConfidencePartials":
+        """From materialised logits [n, V], in fp32; `a` indexes the V columns."""
+        z = logits.float()  # [n, V]
+        n, V = z.shape
+        if V == 0:
+            inf = torch.full((n,), float("-inf"))
+            return cls(inf, inf.clone(), torch.zeros(n), torch.zeros(n, dtype=torch.long))
+        m1, a = z.max(dim=-1)  # the first maximal index, like torch.argmax
+        s = torch.sub(z, m1[:, None]).exp_().sum(dim=-1)
+        m2 = z.topk(2, dim=-1, sorted=True).values[:, 1] if V >= 2 else torch.full_like(m1, float("-inf"))
+        return cls(m1, m2, s, a)
+
+    def pack(self) -> torch.Tensor:
+        """[4, n] fp32, `a` included (exact below 2^24 ids), for one collective."""
+        return torch.stack([self.m1, self.m2, self.s, self.a.float()])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> "ConfidencePartials":
+        """[S, 4, n] fp32 from `pack` -> partials of shape [S, n]."""
+        return cls(packed[:, 0], packed[:, 1], packed[:, 2], packed[:, 3].long())
+
+
+def merge_partials(
+    p: ConfidencePartials,  # [S, n] each: splits in ascending vocabulary order
+    threshold: torch.Tensor,  # [n] fp32
+    measure: str = "max_prob",
+) -> ExitConfidence:
+    """Merge the splits (the lowest split wins a tie, as in the kernel) and apply the
+    measure: p1 = 1 / S_total, margin p1 - exp(l2 - l1) * p1."""
+    assert measure in MEASURES, f"measure must be one of {MEASURES}, got {measure!r}"
+    t1, j = p.m1.max(dim=0)  # [n]: the first split holding the top logit
+    a = p.a.gather(0, j[None])[0]
+    if p.m1.shape[0] == 1:
+        s, t2 = p.s[0], p.m2[0]
+    else:
+        w = torch.exp(p.m1 - t1[None])
+        s = (p.s * w.nan_to_num_(0.0)).sum(dim=0)  # an empty split adds 0 * 0
+        others = p.m1.scatter(0, j[None], float("-inf")).max(dim=0).values
+        t2 = torch.maximum(others, p.m2.max(dim=0).values)
+    confidence = s.reciprocal()  # p1 = 1 / sum exp(z - l1)
+    if measure == "margin":
+        confidence = confidence - torch.exp(t2 - t1) * confidence  # l2 == l1 on a tie
+    return ExitConfidence(confidence, a, confidence >= threshold)
+
+
 def confidence_from_logits(
     logits: torch.Tensor,  # [n, V] any float dtype
     threshold: torch.Tensor,  # [n] fp32
@@ -342,13 +400,8 @@ def confidence_from_logits(
     also for callers that already have logits from a faster head GEMM)."""
     assert measure in MEASURES, f"measure must be one of {MEASURES}, got {measure!r}"
     assert logits.ndim == 2 and threshold.shape == (logits.shape[0],), (logits.shape, threshold.shape)
-    z = logits.float()  # [n, V]
-    l1, argmax = z.max(dim=-1)  # [n], [n]: the first maximal index, like torch.argmax
-    confidence = torch.sub(z, l1[:, None]).exp_().sum(dim=-1).reciprocal_()  # p1 = 1 / sum exp(z - l1)
-    if measure == "margin" and z.shape[1] >= 2:
-        l2 = z.topk(2, dim=-1, sorted=True).values[:, 1]  # l2 == l1 on a tie
-        confidence = confidence - torch.exp(l2 - l1) * confidence
-    return ExitConfidence(confidence, argmax, confidence >= threshold)
+    p = ConfidencePartials.of_logits(logits)
+    return merge_partials(ConfidencePartials(p.m1[None], p.m2[None], p.s[None], p.a[None]), threshold, measure)
 
 
 def exit_confidence_torch(

@@ -55,3 +55,53 @@ def kernel_inputs(n, d, V, dtype, strided, seed=0):
         hidden = torch.randn(n, d, generator=g).to(dtype)
         weight = (torch.randn(V, d, generator=g) * 0.15).to(dtype)
     return hidden, weight, g
+
+
+def tiny_llama(path, *, layers: int = 8, hidden: int = 128, vocab: int = 512, tie: bool = False,
+               seed: int = 0) -> str:
+    """A random Llama saved as a HF dir at `path`: 4 attention heads and 2 KV
+    heads (TP = 2 divides them; hidden 128 gives vLLM's CPU attention a head
+    size of 32), float32. A wide init (0.25) makes its distributions peaked,
+    so greedy outputs vary and top-1 means something."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.25,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def tiny_prompt_ids(n: int, vocab: int = 512, seed: int = 0, lo: int = 2, hi: int = 6) -> list[list[int]]:
+    """`n` random prompts of lo..hi-1 token ids in [3, vocab)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def plant_ramps(model_dir: str, exits, rank: int = 8, scale: float = 0.1, seed: int = 1) -> str:
+    """Random low-rank ramps at `exits` in `<model_dir>/e3/ramps.safetensors`
+    (the format `vllm-e3 train` writes, tied to this model's weights)."""
+    import os
+
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_e3.ramps import model_hash, ramp_key, save_ramps
+
+    d = AutoConfig.from_pretrained(model_dir).hidden_size
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for e in exits:
+        t[ramp_key(e, "norm.weight")] = torch.ones(d)
+        t[ramp_key(e, "down.weight")] = torch.randn(rank, d, generator=g) * scale
+        t[ramp_key(e, "up.weight")] = torch.randn(d, rank, generator=g) * scale
+    path = os.path.join(model_dir, "e3", "ramps.safetensors")
+    save_ramps(path, t, exits=list(exits), base_model_hash=model_hash(model_dir), recipe={"planted": seed},
+               data_hash="planted")
+    return path

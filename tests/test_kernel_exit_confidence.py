@@ -18,6 +18,7 @@ from helpers import kernel_inputs  # noqa: E402
 
 from vllm_e3.kernels import (  # noqa: E402
     MEASURES,
+    ConfidencePartials,
     confidence_from_logits,
     exit_confidence,
     exit_confidence_ref,
@@ -27,6 +28,7 @@ from vllm_e3.kernels import (  # noqa: E402
     gate_confidence_ref,
     gate_confidence_triton,
     kernel_backend,
+    merge_partials,
 )
 from vllm_e3.kernels import dispatch  # noqa: E402
 
@@ -167,6 +169,37 @@ def test_ties_at_the_maximum(dtype):
 def test_confidence_from_logits_vocab_of_one():
     got = confidence_from_logits(torch.tensor([[3.0], [-1.0]]), torch.tensor([1.0, math.inf]), "margin")
     assert got.confidence.tolist() == [1.0, 1.0] and got.exit_mask.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("cuts", [[0, 5003], [0, 2501, 5003], [0, 1240, 1240, 4000, 5003], [0, 1, 4999, 5003]])
+def test_partials_of_vocabulary_ranges_merge_to_the_whole(cuts):
+    """What a tensor-parallel rank contributes (vllm_e3.parallel): the partial
+    statistics of its vocabulary range, merged in rank order, equal the whole
+    vocabulary's confidence and argmax -- ties at the maximum across ranges
+    (1234/1240/4000/4999 as above), an empty range, a range of one id."""
+    n, d, V = 7, 64, 5003
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randint(-2, 3, (n, d), generator=g).float()
+    weight = torch.randint(-1, 2, (V, d), generator=g).float() / 4
+    for v in (4999, 4000, 1240, 1234):
+        weight[v] = hidden[0].sign() / 2
+    hidden[2] = 0.0
+    threshold = torch.full((n,), 0.3)
+    logits = hidden @ weight.T
+    parts = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        p = ConfidencePartials.of_logits(logits[:, lo:hi])
+        p.a = p.a + lo                                   # local column -> vocabulary id
+        parts.append(p.pack())
+    merged = ConfidencePartials.unpack(torch.stack(parts))
+    for measure in MEASURES:
+        ref = exit_confidence_ref(hidden, weight, threshold, measure)
+        got = merge_partials(merged, threshold, measure)
+        assert torch.equal(got.argmax, ref.argmax) and got.argmax[0] == 1234
+        torch.testing.assert_close(got.confidence, ref.confidence, atol=1e-6, rtol=1e-5)
+        assert torch.equal(got.exit_mask, got.confidence >= threshold)
+        if measure == "margin":                          # the tie spans ranges: p1 == p2
+            assert got.confidence[0] == 0.0
 
 
 # (n, d, dtype, strided, weight as [1, d])

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_llama, tiny_prompt_ids
 from vllm_e3.bounds import binom_cdf, cp_upper
 from vllm_e3.config import E3Config, E3ConfigError
 from vllm_e3.ramps import model_hash, read_ramps_header, validate_ramps
@@ -44,19 +45,9 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A random 4-layer Llama (d=64, vocab 512, tied head) saved as a HF dir.
-    A wide init makes its distributions peaked enough for top-1 to mean something."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V_TINY, hidden_size=D_TINY, intermediate_size=128,
-                      num_hidden_layers=L_TINY, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.25,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return str(path)
+    """A random 4-layer Llama (d=64, vocab 512, tied head) saved as a HF dir."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=L_TINY, hidden=D_TINY, vocab=V_TINY,
+                      tie=True)
 
 
 def hf_greedy(model_dir, prompt_ids, max_tokens):
@@ -71,9 +62,7 @@ def hf_greedy(model_dir, prompt_ids, max_tokens):
 
 
 def tiny_prompts(n, seed=0, lo=2, hi=6):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, V_TINY, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return tiny_prompt_ids(n, V_TINY, seed, lo, hi)
 
 
 def random_continuations(model_dir, prompt_ids, max_tokens):

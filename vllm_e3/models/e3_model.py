@@ -32,7 +32,8 @@ from ..attention import AttentionView
 from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
 from ..exits import ExitPlan, StackedKVFill, forced_exit_mask
 from ..calibration import Calibration
-from ..kernels import exit_confidence, gate_confidence
+from ..kernels import gate_confidence
+from ..parallel import VocabShard, tp_group
 from ..profile import timed
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
@@ -72,7 +73,10 @@ class E3CausalLMMixin:
         # confidence shortlist@K: the head rows the exit decision reads (checked at start-up)
         ids = self.e3_table.shortlist_ids(self.e3.confidence) if self.e3_table is not None else None
         self.e3_shortlist = torch.tensor(ids, dtype=torch.long) if ids is not None else None
-        self.e3_shortlist_head = None       # lm_head.weight[e3_shortlist], taken in load_weights
+        # the head rows the exit confidence reads on this rank (vllm_e3.parallel):
+        # the shortlist's, gathered in load_weights, or the whole head, taken
+        # at the first decision (after vLLM's post-load processing)
+        self.e3_vocab: VocabShard | None = None
         # the stages [start, end) as compile units (vllm_e3/models/stage.py),
         # keyed by start layer; a plain dict attribute, not submodules: the
         # layers stay registered (and loaded) once, under model.layers
@@ -96,8 +100,7 @@ class E3CausalLMMixin:
         loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
         self._e3_capture_kv_weights()
         if self.e3_shortlist is not None:   # before vLLM's CPU path may repack the head
-            self.e3_shortlist_head = self.lm_head.weight[self.e3_shortlist.to(self.lm_head.weight.device)
-                                                         ].detach().clone()
+            self.e3_vocab = VocabShard.of(self.lm_head, self.e3_shortlist, tp_group())
         return loaded
 
     def _e3_capture_kv_weights(self) -> None:
@@ -189,10 +192,11 @@ class E3CausalLMMixin:
             if self.e3.confidence == "gate":
                 ramp = self.e3_ramps[str(e)]
                 res = gate_confidence(x, ramp.gate_weight[0], ramp.gate_bias, thr[idx])
-            elif self.e3_shortlist_head is not None:     # the K shortlist rows, gathered once
-                res = exit_confidence(x, self.e3_shortlist_head, thr[idx], measure="max_prob")
-            else:
-                res = exit_confidence(x, self.lm_head.weight, thr[idx], measure=self.e3.confidence)
+            else:        # the head over this rank's vocabulary, merged across ranks
+                if self.e3_vocab is None:
+                    self.e3_vocab = VocabShard.of(self.lm_head, None, tp_group())
+                measure = "max_prob" if self.e3_shortlist is not None else self.e3.confidence
+                res = self.e3_vocab.confidence(x, thr[idx], measure)
             leave[idx] = res.exit_mask.cpu()
         return leave
 
