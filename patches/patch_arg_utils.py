@@ -80,8 +80,27 @@ def check_against_model(e3cfg, vllm_config) -> None:
         raise E3ConfigError(f"confidence {e3cfg.confidence!r} reads the shortlist of "
                             f"{os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME)}, and there is none: "
                             f"run `vllm-e3 calibrate`")
-    if vllm_config.parallel_config.pipeline_parallel_size != 1:
-        raise ValueError("--model-impl e3 does not support pipeline parallelism")
+    _check_parallel(e3cfg, vllm_config.parallel_config)
+
+
+def _check_parallel(e3cfg, parallel_config) -> None:
+    """What E3 does not run under pipeline parallelism (vllm_e3.parallel):
+    parking, because a parked token's state would have to wait on the rank
+    that parked it while the other ranks and the scheduler move on (its
+    request yields no token, decided mid-pipeline); the online audit, which
+    runs exited rows through layers on every later rank; and the start-up
+    planner, which measures one process's stages."""
+    from vllm_e3.config import E3ConfigError
+
+    pp = parallel_config.pipeline_parallel_size
+    if pp == 1:
+        return
+    for bad, what in ((e3cfg.policy == "e3", "policy 'e3' (parking and regrouping)"),
+                      (e3cfg.audit_rate > 0, "the online audit (audit_rate > 0)"),
+                      (bool(e3cfg.plan), "the start-up planner (plan)")):
+        if bad:
+            raise E3ConfigError(f"--pipeline-parallel-size {pp}: {what} runs in one pipeline rank "
+                                f"only; use policy 'token' or 'sync' (see docs/scaling.md)")
 
 
 def _add_request_validator(engine_args) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 
@@ -75,3 +76,42 @@ def process_tree_rss(pid: int) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return total
+
+
+# ---- HTTP clients for the tests ---------------------------------------------------------------
+def post(url: str, body, timeout: float = 120) -> tuple[int, dict]:
+    """POST JSON (or raw bytes): (status, the JSON body; {"raw": text} when it is not JSON)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read() or b"{}"
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"raw": raw.decode(errors="replace")}
+
+
+def get(url: str) -> tuple[int, dict | str]:
+    """GET: (status, the JSON body, or the text when it is not JSON)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            body = r.read().decode()
+            return r.status, json.loads(body) if body.startswith("{") else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def complete(url: str, prompt: str, max_tokens: int = 8, model: str = "m", **xargs) -> tuple[int, dict]:
+    """A greedy completion; `xargs` go in `vllm_xargs` (the E3 knobs)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    return post(f"{url}/completions", body)
+
+
+def root(url: str) -> str:
+    """The server's root from its ".../v1" url."""
+    return url[: -len("/v1")]

@@ -15,7 +15,7 @@ margin and prints it, it does not assume it.
 import pytest
 import torch
 
-from helpers import PROMPTS, free_engine, overrides
+from helpers import PROMPTS, CachedReference, assert_same_ids, free_engine, overrides
 
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
@@ -66,64 +66,18 @@ def runs(model_dir):
     return out
 
 
-class Reference:
-    """ReferenceE3 with each (prompt, profile) generated once per module, and
-    the top-2 logit margin of the reference at a given step."""
-
-    def __init__(self, model_dir):
-        from vllm_e3.tools.reference import ReferenceE3
-
-        self.impl = ReferenceE3(model_dir, dtype=torch.float32)
-        self.cache = {}
-
-    def generate(self, ids, **kw):
-        key = (tuple(ids), repr(sorted(kw.items())))
-        if key not in self.cache:
-            out = self.impl.generate(ids, MAX_TOKENS, **kw)
-            self.cache[key] = (out, list(self.impl.audits))
-        return self.cache[key][0]
-
-    def audits(self, ids, **kw) -> list[tuple[int, bool]]:
-        self.generate(ids, **kw)
-        return self.cache[(tuple(ids), repr(sorted(kw.items())))][1]
-
-    def margin(self, ids, step: int, **kw) -> float:
-        """Top-1 minus top-2 logit of the reference's token `step` (0-based).
-        With a forced profile the head runs once per token, so the head's
-        calls in order are the tokens' logits."""
-        logits = []
-        hook = self.impl.model.lm_head.register_forward_hook(
-            lambda m, i, o: logits.append(o.reshape(-1, o.shape[-1])[-1].float()))
-        try:
-            self.impl.generate(ids, step + 1, **kw)
-        finally:
-            hook.remove()
-        top = logits[step].topk(2).values
-        return float(top[0] - top[1])
-
-
 @pytest.fixture(scope="module")
 def ref(model_dir):
     torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gains
-    return Reference(model_dir)
+    return CachedReference(model_dir, MAX_TOKENS)
 
 
 def _check(runs, ref, case, **kw) -> list:
-    """Compare each prompt's ids with the reference; a divergence passes only
-    where the reference's margin at the first differing step is < MARGIN.
-    Returns the reference's exit per token, over all prompts."""
-    where_all, diverged = [], []
-    for ids, got in zip(runs["prompt_ids"], runs[case]):
-        want, where = ref.generate(ids, **kw)
-        where_all += where
-        if got != want:
-            step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-            diverged.append((PROMPTS[runs["prompt_ids"].index(ids)][:30], step,
-                             ref.margin(ids, step, **kw)))
-    for prompt, step, margin in diverged:
-        print(f"{case}: {prompt!r} first differs at token {step}, reference top-2 margin {margin:.3g}")
-    assert all(m < MARGIN for _, _, m in diverged), diverged
-    return where_all
+    """Each prompt's ids against the reference (helpers.assert_same_ids);
+    returns the reference's exit per token, over all prompts."""
+    want = [ref.generate(ids, **kw) for ids in runs["prompt_ids"]]
+    assert_same_ids(case, runs[case], [w[0] for w in want], runs["prompt_ids"], ref, MARGIN, PROMPTS, **kw)
+    return [x for w in want for x in w[1]]
 
 
 def test_engine_is_compiled(runs):
@@ -132,17 +86,9 @@ def test_engine_is_compiled(runs):
 
 
 def _same_ids(runs, ref, case, other, **kw):
-    """Each prompt's ids in `case` equal those in `other`; a divergence passes
-    only where the reference's margin at the first differing step is < MARGIN."""
-    diverged = []
-    for i, (got, want) in enumerate(zip(runs[case], runs[other])):
-        if got != want:
-            step = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-            diverged.append((PROMPTS[i][:30], step, ref.margin(runs["prompt_ids"][i], step, **kw)))
-    for prompt, step, margin in diverged:
-        print(f"{case} vs {other}: {prompt!r} first differs at token {step}, "
-              f"reference top-2 margin {margin:.3g}")
-    assert all(m < MARGIN for _, _, m in diverged), diverged
+    """Each prompt's ids in `case` equal those in `other` (helpers.assert_same_ids)."""
+    assert_same_ids(f"{case} vs {other}", runs[case], runs[other], runs["prompt_ids"], ref, MARGIN,
+                    PROMPTS, **kw)
 
 
 def test_rate_zero_and_full_equal_compiled_vanilla(runs, ref):

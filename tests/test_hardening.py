@@ -19,7 +19,6 @@ import random
 import re
 import stat
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 from helpers import free_engine, overrides
-from servers import planted_model_dir, vllm_server
+from servers import planted_model_dir, post, vllm_server
 
 PLUGINS = {"VLLM_PLUGINS": "e3,e3_http"}
 # The shipped config deploys `full` (no exit pays on this machine's costs, benchmarks/RESULTS.md),
@@ -39,20 +38,6 @@ SERVER_ARGS = ["--model-impl", "e3", "--dtype", "float32", "--enforce-eager", "-
                "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "16",
                "--enable-prompt-tokens-details", "--additional-config", json.dumps(SERVER_E3)]
 TEST_KEYS = ["_e3_test", "_e3_policy", "_e3_force_exit", "_e3_kv_fill", "_e3_park_when", "_e3"]
-
-
-def post(url: str, body, timeout: float = 120) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raw = e.read() or b"{}"
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, {"raw": raw.decode(errors="replace")}
 
 
 def message(body: dict) -> str:

@@ -20,13 +20,11 @@ import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from helpers import overrides
-from servers import planted_model_dir, process_tree_rss, vllm_server
+from servers import complete, get, planted_model_dir, post, process_tree_rss, root, vllm_server
 
 MIDDLE = {"8": 0.3, "15": 0.357, "22": 0.444}
 PLANTED_CONFIG = {"policy": "token", "exits": [8, 15, 22], "confidence": "max_prob"}
@@ -88,35 +86,6 @@ def offline_texts(llm, prompts, max_tokens, extra):
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=extra)
     return [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def get(url: str) -> tuple[int, dict | str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            body = r.read().decode()
-            return r.status, json.loads(body) if body.startswith("{") else body
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def complete(url: str, prompt: str, max_tokens: int = 8, **xargs) -> tuple[int, dict]:
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    if xargs:
-        body["vllm_xargs"] = xargs
-    return post(f"{url}/completions", body)
-
-
-def root(url: str) -> str:
-    return url[: -len("/v1")]
 
 
 # ---- knobs ---------------------------------------------------------------------------------------

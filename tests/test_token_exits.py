@@ -5,7 +5,7 @@ test-only per-request overrides (vllm_e3.knobs)."""
 import pytest
 import torch
 
-from helpers import PROMPTS, free_engine, overrides
+from helpers import PROMPTS, CachedReference, free_engine, overrides
 
 EXITS = [8, 15, 22]
 MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
@@ -53,27 +53,10 @@ def runs(model_dir):
     return out
 
 
-class CachedReference:
-    """ReferenceE3 with each (prompt, profile) generated once per module."""
-
-    def __init__(self, model_dir):
-        from vllm_e3.tools.reference import ReferenceE3
-
-        self.impl = ReferenceE3(model_dir, dtype=torch.float32)
-        self.model = self.impl.model
-        self.cache = {}
-
-    def generate(self, ids, max_tokens, **kw):
-        key = (tuple(ids), max_tokens, repr(sorted(kw.items())))
-        if key not in self.cache:
-            self.cache[key] = self.impl.generate(ids, max_tokens, **kw)
-        return self.cache[key]
-
-
 @pytest.fixture(scope="module")
 def ref(model_dir):
     torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gains
-    return CachedReference(model_dir)
+    return CachedReference(model_dir, MAX_TOKENS)
 
 
 def test_rate_zero_is_vanilla(runs):
@@ -83,7 +66,7 @@ def test_rate_zero_is_vanilla(runs):
 def test_token_matches_reference(runs, ref):
     exits_seen = set()
     for ids, got in zip(runs["prompt_ids"], runs["middle"]):
-        want, where = ref.generate(ids, MAX_TOKENS, exits=EXITS, force_exit=MIDDLE)
+        want, where = ref.generate(ids, exits=EXITS, force_exit=MIDDLE)
         exits_seen.update(w for w in where if w is not None)
         assert got == want
     assert exits_seen == set(EXITS)          # rows left at every exit
@@ -95,7 +78,7 @@ def test_token_matches_reference(runs, ref):
 
 
 def test_missing_kv_fill_is_caught(runs, ref):
-    wants = [ref.generate(ids, MAX_TOKENS, exits=EXITS, force_exit=MIDDLE)[0]
+    wants = [ref.generate(ids, exits=EXITS, force_exit=MIDDLE)[0]
              for ids in runs["prompt_ids"]]
     assert runs["middle"] == wants
     assert runs["middle_nofill"] != wants
@@ -106,7 +89,7 @@ def test_rate_one_is_truncated_model(runs, ref):
     model truncated to its first 15 layers + final norm + head."""
     import copy
 
-    trunc = copy.deepcopy(ref.model)
+    trunc = copy.deepcopy(ref.impl.model)
     trunc.model.layers = trunc.model.layers[:15]
     trunc.config.num_hidden_layers = 15
     for ids, got in zip(runs["prompt_ids"], runs["one15"]):
@@ -121,10 +104,10 @@ def test_rate_one_is_truncated_model(runs, ref):
 
 def test_sync_semantics(runs, ref):
     for ids, got in zip(runs["prompt_ids"], runs["sync_alone"]):
-        assert got == ref.generate(ids, MAX_TOKENS, exits=EXITS, force_exit=MIDDLE)[0]
+        assert got == ref.generate(ids, exits=EXITS, force_exit=MIDDLE)[0]
     # every decode row exits at 8 -> the whole batch stops there
     for ids, got in zip(runs["prompt_ids"][4:6], runs["sync_one8"]):
-        assert got == ref.generate(ids, MAX_TOKENS, exits=EXITS, force_exit={8: 1.0})[0]
+        assert got == ref.generate(ids, exits=EXITS, force_exit={8: 1.0})[0]
     # a batch of 16 under the middle profile almost never has every row
     # exiting at once, so sync stays (nearly) the full model
     same_sync = sum(a == b for a, b in zip(runs["sync_batch"], runs["vanilla"]))

@@ -141,28 +141,31 @@ class StackedKVFill:
     the backend's cache write per layer (rows sorted by exit, so the rows a
     layer needs are a prefix). The per-layer path (`kv_fill_layer`) costs a
     norm, a projection, a RoPE and a write per layer; on this model's small
-    decode groups those fixed costs dominate.
+    decode groups those fixed costs dominate. Under pipeline parallelism the
+    layers are this rank's, `first..hi-1`.
 
     The arithmetic is RMSNorm's own (float32 statistic, x * rsqrt(mean(x^2) +
     eps), then the weight) and the layer's K/V rows of qkv_proj."""
 
-    def __init__(self, layers, kv_weights, first: int):
+    def __init__(self, layers, kv_weights, first: int, hi: int):
         attn0 = layers[first].self_attn
         self.first, self.kv_size = first, attn0.kv_size
         self.rotary = attn0.rotary_emb
         self.eps = float(layers[first].input_layernorm.variance_epsilon)
         self.norm_w = torch.stack([layers[l].input_layernorm.weight.detach()
-                                   for l in range(first, len(layers))])           # [n, d]
-        self.w = torch.stack([kv_weights[l][0] for l in range(first, len(layers))])  # [n, 2kv, d]
-        biases = [kv_weights[l][1] for l in range(first, len(layers))]
+                                   for l in range(first, hi)])                    # [n, d]
+        self.w = torch.stack([kv_weights[l][0] for l in range(first, hi)])        # [n, 2kv, d]
+        biases = [kv_weights[l][1] for l in range(first, hi)]
         self.b = None if biases[0] is None else torch.stack(biases)[:, None, :]  # [n, 1, 2kv]
 
     @classmethod
-    def build(cls, layers, kv_weights, first: int) -> "StackedKVFill | None":
+    def build(cls, layers, kv_weights, first: int, hi: int | None = None) -> "StackedKVFill | None":
         """None where a layer needs the per-layer path: a quantized or packed
         projection, K normalisation (Qwen3), a norm other than plain RMSNorm,
-        or layers with different RoPE or epsilon."""
-        rng = range(first, len(layers))
+        or layers with different RoPE or epsilon. `hi`: the end of this
+        rank's layers (default all)."""
+        hi = len(layers) if hi is None else hi
+        rng = range(first, hi)
         if not rng or any(kv_weights[l] is None for l in rng):
             return None
         a0, n0 = layers[first].self_attn, layers[first].input_layernorm
@@ -173,11 +176,11 @@ class StackedKVFill:
                     or getattr(n, "weight", None) is None or type(n).__name__ != "RMSNorm"
                     or (kv_weights[l][1] is None) != (kv_weights[first][1] is None)):
                 return None
-        return cls(layers, kv_weights, first)
+        return cls(layers, kv_weights, first, hi)
 
     def fill(self, layers, slot_mapping, groups) -> int:
         """groups: (exit e >= first, forward rows, pre-ramp state [m, d],
-        positions [m]) in ascending e. Writes layers e..L-1 of each group's
+        positions [m]) in ascending e. Writes layers e..hi-1 of each group's
         rows; returns the row-layers written."""
         x = torch.cat([g[2] for g in groups])
         pos = torch.cat([g[3] for g in groups])

@@ -9,7 +9,9 @@ started with `VLLM_PLUGINS=e3,e3_http`, which `make serve` does).
                                times parked
     GET /v1/e3/stats           the engine's exit counters (also on /metrics),
                                and what the worker holds now (parked tokens,
-                               requests being counted)
+                               requests being counted); under
+                               `--data-parallel-size N` the sum over the
+                               engines, and each engine's under "engines"
 
 Standard OpenAI clients see unchanged responses; the routes read the worker
 through `collective_rpc` (methods of vllm_e3.worker.E3CPUWorker). On a server
@@ -30,7 +32,7 @@ class E3EndpointPlugin:
             return
 
         async def request_stats(request_id: str, raw: Request):
-            found = await _rpc(raw, "e3_request_stats", [request_id])
+            found = await _request_stats(raw, request_id)
             if request_id not in found:
                 raise HTTPException(status_code=404,
                                     detail=f"no exit statistics for request {request_id!r} "
@@ -38,8 +40,14 @@ class E3EndpointPlugin:
             return {"id": request_id, "object": "e3.request_stats", **found[request_id]}
 
         async def engine_stats(raw: Request):
-            return {"object": "e3.stats", **(await _rpc(raw, "e3_exit_stats") or {}),
-                    **(await _rpc(raw, "e3_live_state") or {})}
+            from .stats import add_counters, engine_stats
+
+            per = [engine_stats(r) for r in await _rpc_engines(raw, "e3_exit_stats")]
+            per = [p for p in per if p is not None]
+            live = [r[0] for r in await _rpc_engines(raw, "e3_live_state") if r and r[0]]
+            total = add_counters([{k: v for k, v in p.items() if k != "rank"} for p in per]) if per else {}
+            return {"object": "e3.stats", **total, **(add_counters(live) if live else {}),
+                    **({"engines": per} if len(per) > 1 else {})}
 
         app.add_api_route("/v1/e3/requests/{request_id}", request_stats, methods=["GET"])
         app.add_api_route("/v1/e3/stats", engine_stats, methods=["GET"])
@@ -48,14 +56,25 @@ class E3EndpointPlugin:
         state.e3_engine_client = engine_client
 
 
-async def _rpc(raw: Request, method: str, *args):
+async def _rpc_engines(raw: Request, method: str, *args) -> list[list]:
+    """`method` on every worker of every engine: one list of replies per
+    engine. Under data parallelism vLLM's own collective_rpc answers with the
+    first engine's replies only, so this calls each engine through the
+    client's call_utility_all_async."""
     client = getattr(raw.app.state, "e3_engine_client", None)
     if client is None:
         raise HTTPException(status_code=503, detail="no engine behind this server")
-    results = await client.collective_rpc(method, args=args)
-    if method == "e3_request_stats":
-        merged: dict = {}
-        for r in results:
+    core = getattr(client, "engine_core", None)
+    if len(getattr(core, "core_engines", ())) > 1 and hasattr(core, "call_utility_all_async"):
+        return await core.call_utility_all_async("collective_rpc", method, None, args, None)
+    return [await client.collective_rpc(method, args=args)]
+
+
+async def _request_stats(raw: Request, request_id: str) -> dict:
+    """{request_id: counters} from whichever engine served it (under pipeline
+    parallelism its last rank keeps them)."""
+    merged: dict = {}
+    for engine in await _rpc_engines(raw, "e3_request_stats", [request_id]):
+        for r in engine:
             merged.update(r or {})
-        return merged
-    return results[0] if results else None
+    return merged

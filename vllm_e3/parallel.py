@@ -74,3 +74,70 @@ def tp_group():
     from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
     return get_tp_group() if get_tensor_model_parallel_world_size() > 1 else None
+
+
+# ---- pipeline parallel -------------------------------------------------------------------
+# The tensors an E3 rank sends the next one besides vLLM's own two. For every
+# row: its exit layer (0: still running), and, for a row that exited, the
+# state the LM head reads (`e3_out`); such a row's `hidden_states` is its
+# pre-ramp state and its `residual` 0, so the next rank's KV fill of the
+# layers it skipped reads hidden_states + residual as the exiting rank would.
+E3_KEYS = ("e3_out", "e3_exit")
+
+
+@dataclass
+class PipelineRank:
+    """This pipeline rank's share of an E3 model. Rank r holds layers
+    [lo, hi) (vLLM's `get_pp_indices`; the others are PPMissingLayer). It
+    runs the part of every stage inside them, decides the exits e with
+    lo < e <= hi (the state after layer e-1 is its own), and fills the K/V of
+    its own layers for every row that exited at or before them, on whatever
+    rank. One rank: lo = 0, hi = L."""
+    lo: int
+    hi: int
+    num_layers: int
+    first: bool
+    last: bool
+    ranges: list[tuple[int, int]]        # this rank's parts of the stages, in order
+    decides: frozenset[int]              # exit points decided here
+    first_fill: int | None               # lowest layer this rank may fill, None: none
+
+    @classmethod
+    def of(cls, backbone, cfg) -> "PipelineRank":
+        from vllm.distributed import get_pp_group
+
+        pp = get_pp_group()
+        L = len(backbone.layers)
+        lo, hi = getattr(backbone, "start_layer", 0), getattr(backbone, "end_layer", L)
+        ranges = [(max(a, lo), min(b, hi)) for a, b in cfg.stages(L) if max(a, lo) < min(b, hi)]
+        exits = [e for e in cfg.exits if e < L]
+        decides = frozenset(e for e in exits if lo < e <= hi)
+        early = [e for e in exits if e < hi]
+        return cls(lo, hi, L, pp.is_first_rank, pp.is_last_rank, ranges, decides,
+                   max(min(early), lo) if early else None)
+
+    @property
+    def single(self) -> bool:
+        return self.first and self.last
+
+    def owns(self, layer: int) -> bool:
+        return self.lo <= layer < self.hi
+
+    def empty_tensors_factory(self, base):
+        """vLLM's `make_empty_intermediate_tensors` with the E3 keys added:
+        the receiving rank copies what arrives into these buffers
+        (gpu_model_runner.sync_and_gather_intermediate_tensors), key by key."""
+        def make(batch_size: int, dtype: torch.dtype, device: torch.device):
+            t = base(batch_size=batch_size, dtype=dtype, device=device)
+            h = t["hidden_states"]
+            t.tensors["e3_out"] = torch.zeros_like(h)
+            t.tensors["e3_exit"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+            return t
+        return make
+
+    def send(self, hidden: torch.Tensor, residual: torch.Tensor, out: torch.Tensor,
+             exit_of: torch.Tensor):
+        from vllm.sequence import IntermediateTensors
+
+        return IntermediateTensors({"hidden_states": hidden, "residual": residual,
+                                    "e3_out": out, "e3_exit": exit_of})

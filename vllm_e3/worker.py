@@ -146,8 +146,16 @@ class E3CPUWorker(CPUWorker):
         out = super().load_model(*args, **kwargs)
         from .metrics import start_publisher
 
-        self._e3_publisher = start_publisher(self._e3_runtime())   # counters for /metrics
+        # counters for /metrics: one file per pipeline rank of each engine
+        self._e3_publisher = start_publisher(self._e3_runtime(), self.e3_rank())
         return out
+
+    def e3_rank(self) -> dict[str, int]:
+        """This worker's data-, pipeline- and tensor-parallel rank."""
+        from vllm.distributed import get_pp_group, get_tp_group
+
+        return {"dp": self.vllm_config.parallel_config.data_parallel_rank,
+                "pp": get_pp_group().rank_in_group, "tp": get_tp_group().rank_in_group}
 
     # ---- introspection by name (llm.collective_rpc, vllm_e3.stats, vllm_e3.http)
     def _e3_model(self):
@@ -170,12 +178,16 @@ class E3CPUWorker(CPUWorker):
     def e3_exit_stats(self) -> dict | None:
         from .stats import exit_stats
 
-        return exit_stats(self._e3_runtime())
+        return exit_stats(self._e3_runtime(), self.e3_rank())
 
     def e3_request_stats(self, ids: list[str] | None = None) -> dict[str, dict]:
+        """Per-request counters; under pipeline parallelism the last rank's
+        (it alone sees every token's exit: vllm_e3.models.loop), {} elsewhere."""
+        from vllm.distributed import get_pp_group
+
         from .stats import request_stats
 
-        return request_stats(self._e3_runtime(), ids)
+        return request_stats(self._e3_runtime(), ids) if get_pp_group().is_last_rank else {}
 
     def e3_parked_count(self) -> int:
         rt = self._e3_runtime()

@@ -33,7 +33,7 @@ from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, 
 from ..exits import ExitPlan, StackedKVFill, forced_exit_mask
 from ..calibration import Calibration
 from ..kernels import gate_confidence
-from ..parallel import VocabShard, tp_group
+from ..parallel import PipelineRank, VocabShard, tp_group
 from ..profile import timed
 from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
@@ -81,17 +81,38 @@ class E3CausalLMMixin:
         # keyed by start layer; a plain dict attribute, not submodules: the
         # layers stay registered (and loaded) once, under model.layers
         self.e3_stages: dict[int, nn.Module] = {}
+        # pipeline parallel: this rank's layers [lo, hi) and the part of each
+        # stage inside them (vllm_e3.parallel); one rank: [0, L)
+        self.e3_rank = PipelineRank.of(self.model, self.e3)
         if self.e3.exits_active:
-            ranges = self.e3.stages(self.e3_num_layers)
+            ranges = self.e3_rank.ranges
             self.e3_stages = dict(zip((a for a, _ in ranges),
                                       build_stages(vllm_config, self.model.layers, ranges, prefix)))
+            if not self.e3_rank.single:      # exited rows travel with the hidden states
+                self.make_empty_intermediate_tensors = self.e3_rank.empty_tensors_factory(
+                    self.make_empty_intermediate_tensors)
+        # A pipeline rank before the last decides exits without vLLM's final
+        # norm and LM head (PPMissingLayer there): it loads its own copies
+        # from the checkpoint (load_weights), the norm as vLLM's RMSNorm so
+        # the head input is the last rank's bit for bit.
+        self.e3_norm = None
+        if self.e3.exits_active and not self.e3_rank.last and self.e3_rank.decides:
+            from vllm.model_executor.layers.layernorm import RMSNorm
+
+            self.e3_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
 
     # ---- weights -------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        side: dict[str, torch.Tensor] = {}
+        if self.e3_norm is not None:         # a pipeline rank without the head: keep copies
+            weights = _tee(weights, self._e3_head_names(), side)
         loaded = set(super().load_weights(weights))
+        if self.e3_norm is not None:
+            self._e3_load_head_copies(side)
+            loaded.update(name for name, _ in self.e3_norm.named_parameters(prefix="e3_norm"))
         if self.e3_ramps_path:
             tensors = load_ramp_tensors(self.e3_ramps_path, self.e3.exits)
             for e, ramp in self.e3_ramps.items():
@@ -99,9 +120,33 @@ class E3CausalLMMixin:
                     param.data.copy_(tensors[key].to(param.dtype))
         loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
         self._e3_capture_kv_weights()
-        if self.e3_shortlist is not None:   # before vLLM's CPU path may repack the head
+        if self.e3_shortlist is not None and self.e3_vocab is None:   # before vLLM's CPU path may repack the head
             self.e3_vocab = VocabShard.of(self.lm_head, self.e3_shortlist, tp_group())
         return loaded
+
+    def _e3_head_names(self) -> tuple[str, str | None]:
+        """Checkpoint names of the final norm and of the head rows (the input
+        embedding when tied; None: the gate reads no head)."""
+        head = None
+        if self.e3.confidence != "gate":
+            head = ("model.embed_tokens.weight" if getattr(self.config, "tie_word_embeddings", False)
+                    else "lm_head.weight")
+        return "model.norm.weight", head
+
+    def _e3_load_head_copies(self, side: dict[str, torch.Tensor]) -> None:
+        norm_name, head_name = self._e3_head_names()
+        for name in (norm_name, head_name):
+            if name is not None and name not in side:
+                raise ValueError(f"vllm-e3: pipeline rank deciding exits {sorted(self.e3_rank.decides)} "
+                                 f"needs {name!r} from the checkpoint, which has none")
+        self.e3_norm.weight.data.copy_(side[norm_name])
+        if head_name is not None:
+            dtype = self.e3_norm.weight.dtype
+            head = side[head_name][:self.config.vocab_size]
+            if self.e3_shortlist is not None:
+                self.e3_vocab = VocabShard(head[self.e3_shortlist].to(dtype), self.e3_shortlist, 0)
+            else:
+                self.e3_vocab = VocabShard(head.to(dtype), None, 0)
 
     def _e3_capture_kv_weights(self) -> None:
         """Keep each layer's K/V rows of `qkv_proj` for the KV fill, which
@@ -109,7 +154,10 @@ class E3CausalLMMixin:
         now, before vLLM's CPU path may repack the weight for oneDNN; skipped
         (full qkv_proj used) for quantized projections."""
         self.e3_kv_weights = []
-        for layer in self.model.layers:
+        for l, layer in enumerate(self.model.layers):
+            if not self.e3_rank.owns(l):     # another pipeline rank's layer
+                self.e3_kv_weights.append(None)
+                continue
             attn = layer.self_attn
             proj = attn.qkv_proj
             w = getattr(proj, "weight", None)
@@ -121,8 +169,9 @@ class E3CausalLMMixin:
                                        None if b is None else b[attn.q_size:].detach().clone()))
         # every skipped layer filled at once where the layers allow it
         # (vllm_e3.exits.StackedKVFill); the per-layer weights become views of it
-        first = min((e for e in self.e3.exits if e > 0), default=None) if self.e3.exits_active else None
-        self.e3_kv_stack = (StackedKVFill.build(self.model.layers, self.e3_kv_weights, first)
+        first = self.e3_rank.first_fill if self.e3.exits_active else None
+        self.e3_kv_stack = (StackedKVFill.build(self.model.layers, self.e3_kv_weights, first,
+                                                self.e3_rank.hi)
                             if first is not None else None)
         if self.e3_kv_stack is not None:
             st = self.e3_kv_stack
@@ -137,19 +186,24 @@ class E3CausalLMMixin:
         step = current_step()
         if step is None or not step.bound:
             # profile / dummy runs, or no E3 runner: nothing can exit
-            return self._e3_run_layers(input_ids, positions, inputs_embeds)
+            return self._e3_run_layers(input_ids, positions, intermediate_tensors, inputs_embeds)
         fc = get_forward_context()
         loop = StageLoop(self, step, fc, AttentionView(fc, step.attn))
-        return loop.run(input_ids, positions, inputs_embeds)
+        return loop.run(input_ids, positions, inputs_embeds, intermediate_tensors)
 
-    def _e3_run_layers(self, input_ids, positions, inputs_embeds):
-        model = self.model
-        h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        residual = None
+    def _e3_run_layers(self, input_ids, positions, intermediate_tensors, inputs_embeds):
+        model, rank = self.model, self.e3_rank
+        if intermediate_tensors is None:
+            h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
+        else:
+            h, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
         # every stage on all rows: the warm-up/profile run is each stage's
         # first call, which compiles it at >= 2 rows with a dynamic count
         for stage in self.e3_stages.values():
             h, residual = stage(positions, h, residual)
+        if not rank.last:
+            return rank.send(h, residual, torch.zeros_like(h), torch.zeros(h.shape[0], dtype=torch.long))
         return model.norm(h, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -174,7 +228,8 @@ class E3CausalLMMixin:
 
     def e3_head_input(self, e: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """[n, d] state the LM head reads for rows exiting at `e`."""
-        return self.model.norm(self.e3_ramps[str(e)](h + residual))
+        norm = self.e3_norm if self.e3_norm is not None else self.model.norm
+        return norm(self.e3_ramps[str(e)](h + residual))
 
     def e3_leave(self, e: int, plan: ExitPlan, cand_rows: torch.Tensor, head_in: torch.Tensor,
                  pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -215,3 +270,11 @@ class E3Qwen2ForCausalLM(E3CausalLMMixin, Qwen2ForCausalLM):
 
 class E3Qwen3ForCausalLM(E3CausalLMMixin, Qwen3ForCausalLM):
     pass
+
+
+def _tee(weights, names, into: dict):
+    """`weights` as they are, keeping a copy of the tensors named `names`."""
+    for name, w in weights:
+        if name in names:
+            into[name] = w.detach().clone()
+        yield name, w

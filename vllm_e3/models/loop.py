@@ -11,6 +11,13 @@
                              per-request counters; KV fill for every layer an
                              exited row skipped
 
+Under pipeline parallelism each rank runs this loop over its own layers
+(`vllm_e3.parallel.PipelineRank`): it decides the exits inside them, sends
+the rows that exited with their head input and exit layer, and fills the K/V
+of its layers for rows that exited on any rank before them. The last rank
+yields every row's head input and keeps the per-request counters; engine
+counters are per rank, each counting what it ran and decided.
+
 The model (`E3CausalLMMixin`) supplies weights and what they compute: the
 compiled stages, ramps and exit decisions, the K/V rows for the fill. The
 request state this loop reads and writes (rules, parking lot, counters,
@@ -38,35 +45,49 @@ class StageLoop:
         self.fc = fc
         self.view = view                    # vllm_e3.attention.AttentionView
 
-    def run(self, input_ids, positions, inputs_embeds) -> torch.Tensor:
-        """[N, d]: per row, the state the LM head reads."""
+    def run(self, input_ids, positions, inputs_embeds, intermediate_tensors=None):
+        """[N, d]: per row, the state the LM head reads; on a pipeline rank
+        but the last, the IntermediateTensors for the next one."""
         backbone, stats, cfg, step = self.model.model, self.stats, self.cfg, self.step
-        h = backbone.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        out = torch.zeros_like(h)
+        rank = self.model.e3_rank
+        residual = arrived = None
+        if intermediate_tensors is None:
+            h = backbone.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+            out = torch.zeros_like(h)
+        else:                               # from the previous pipeline rank
+            h, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+            out, arrived = intermediate_tensors["e3_out"].clone(), intermediate_tensors["e3_exit"]
         layout = self.layout = RowLayout.from_step(step, positions)
         plan = self.plan = ExitPlan.build(cfg, layout, h.shape[0], step)
-        act = Active(torch.arange(h.shape[0]), h, None, positions, input_ids,
+        act = Active(torch.arange(h.shape[0]), h, residual, positions, input_ids,
                      torch.zeros(h.shape[0], dtype=torch.long))
+        # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
+        self.exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.audits: dict[int, Active] = {}               # exit -> exited rows the audit runs on
+        restricted = arrived is not None and bool((arrived > 0).any())
+        if restricted:                      # rows that exited on an earlier rank
+            for e in torch.unique(arrived[arrived > 0]).tolist():
+                r = (arrived == e).nonzero().squeeze(1)
+                self.exited.append((e, r, h[r] + residual[r], positions[r]))
+            act = act.take(((arrived == 0) & (act.rows < layout.num_rows)).nonzero().squeeze(1))
         resume = self._take_resumed(act)                   # stage start -> Active
         if resume:
             keep = torch.ones(act.rows.numel(), dtype=torch.bool)
             keep[torch.cat([r.rows for r in resume.values()])] = False
             act = act.take(keep.nonzero().squeeze(1))
-        # (exit, forward rows [m], pre-ramp state [m, d], positions [m])
-        self.exited: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.audits: dict[int, Active] = {}               # exit -> exited rows the audit runs on
-        # a resumed token was counted in the step that parked it
-        n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
         num_reqs = layout.num_reqs
-        stats.steps += 1
-        stats.step_reqs += num_reqs
-        stats.step_reqs_max = max(stats.step_reqs_max, num_reqs)
-        stats.decode_tokens += n_decode
-        stats.layers_full += n_decode * self.L
-        restricted = bool(resume)
+        if rank.last:          # step and request counters: the rank that yields every token
+            # a resumed token was counted in the step that parked it
+            n_decode = int(layout.decode_row.sum()) - sum(int(r.rows.numel()) for r in resume.values())
+            stats.steps += 1
+            stats.step_reqs += num_reqs
+            stats.step_reqs_max = max(stats.step_reqs_max, num_reqs)
+            stats.decode_tokens += n_decode
+            stats.layers_full += n_decode * self.L
+        restricted |= bool(resume)
         parked_rows: list[torch.Tensor] = []
         try:
-            for start, end in cfg.stages(self.L):
+            for start, end in rank.ranges:
                 if start in resume:                        # parked tokens rejoin here
                     act = act.merge(resume.pop(start)) if act.rows.numel() else resume.pop(start)
                     restricted = True
@@ -83,15 +104,15 @@ class StageLoop:
                 if n_dec:  # batch sizes a stage ran at, counted in decode tokens
                     stats.stage_rows[start] = stats.stage_rows.get(start, 0) + n_dec
                     stats.stage_runs[start] = stats.stage_runs.get(start, 0) + 1
-                if end == self.L:
-                    break
+                if end not in rank.decides:               # the model's or this rank's end
+                    continue
                 with timed(self.prof, "exit"):
                     act, gone = self._exit(end, act, out)
                     restricted |= gone
                     if act.rows.numel() and self._should_park(end, act, resume):
                         parked_rows.append(self._park(end, act, resume))
                         act = act.take(act.rows[:0])
-            if act.rows.numel():
+            if act.rows.numel() and rank.last:
                 out[act.rows] = backbone.norm(act.h, act.residual)[0]
                 self._record_waits(act.waited)
             if self.audits:
@@ -99,7 +120,8 @@ class StageLoop:
                     self._audit(out)
         finally:
             self.view.restore()
-        stats.mixed_exit_steps += len(self.exited) > 1
+        if rank.last:
+            stats.mixed_exit_steps += len(self.exited) > 1
         # forward rows parked this step (padding rows dropped)
         parked = torch.cat(parked_rows) if parked_rows else torch.zeros(0, dtype=torch.long)
         parked = parked[parked < layout.num_rows]
@@ -107,8 +129,11 @@ class StageLoop:
             skip = torch.zeros(num_reqs, dtype=torch.bool)
             skip[layout.req_of_row[parked]] = True
             step.no_logits = skip
-        self._account(parked)
-        fill = [(e, r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]]) for e, r, x, p in self.exited]
+        if rank.last:
+            self._account(parked)
+        # this rank's layers each exited group skipped: from max(e, lo)
+        fill = [(max(e, rank.lo), r[plan.kv_fill[r]], x[plan.kv_fill[r]], p[plan.kv_fill[r]])
+                for e, r, x, p in self.exited if max(e, rank.lo) < rank.hi]
         fill = [g for g in fill if g[1].numel()]
         if fill:
             with timed(self.prof, "fill", sum(int(g[1].numel()) * (self.L - g[0]) for g in fill)):
@@ -117,7 +142,23 @@ class StageLoop:
             cur = self.prof.cur
             cur["reqs"], cur["rows"], cur["parked"] = num_reqs, layout.num_rows, int(parked.numel())
             cur["prompt_rows"] = layout.num_rows - int(layout.decode_row.sum())
+        if not rank.last:
+            return self._send(out, act)
         return out
+
+    def _send(self, out: torch.Tensor, act: Active):
+        """What the next pipeline rank needs (vllm_e3.parallel.E3_KEYS): the
+        running rows' state, and each exited row's exit layer, head input and
+        pre-ramp state (as hidden_states, with residual 0)."""
+        hidden, residual = torch.zeros_like(out), torch.zeros_like(out)
+        exit_of = torch.zeros(out.shape[0], dtype=torch.long)
+        for e, r, x, _ in self.exited:
+            hidden[r] = x
+            exit_of[r] = e
+        if act.rows.numel():
+            hidden[act.rows] = act.h
+            residual[act.rows] = act.residual
+        return self.model.e3_rank.send(hidden, residual, out, exit_of)
 
     # ---- exits ---------------------------------------------------------
     def _exit(self, e: int, act: Active, out: torch.Tensor) -> tuple[Active, bool]:
@@ -189,6 +230,8 @@ class StageLoop:
         requests, under park_when: refill only while the scheduler can admit
         in their place; a prompt row makes the stage run anyway), and no
         token has reached its wait bound."""
+        if not self.model.e3_rank.single:    # parking is one-rank only (patch_arg_utils)
+            return False
         joining = resume.get(e)
         n = act.rows.numel() + (joining.rows.numel() if joining is not None else 0)
         if n >= self.cfg.target_at(e) or not bool(self.plan.may_park[act.rows].all()):
@@ -279,7 +322,7 @@ class StageLoop:
             self.stats.kv_fill_rows += stack.fill(layers, self.fc.slot_mapping, pending)
             return
         states, pos, rows = [], [], []
-        for l in range(pending[0][0], self.L):
+        for l in range(pending[0][0], self.model.e3_rank.hi):
             if pending and pending[0][0] <= l:
                 while pending and pending[0][0] <= l:
                     _, r, x, p = pending.pop(0)

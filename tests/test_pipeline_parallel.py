@@ -1,0 +1,135 @@
+"""`--model-impl e3` under vLLM's pipeline parallelism (PP = 2, one core
+per rank), compiled: vLLM 0.32 CPU runs PP only compiled (eager fails in
+`sync_and_gather_intermediate_tensors` on rank 1).
+
+The random 8-layer Llama of tests/helpers.py (`tiny_llama`), planted ramps
+at exits 2, 4, 6, float32. vLLM splits the layers 4 + 4: rank 0 decides exits
+2 and 4 (4 is its last layer's output), rank 1 decides 6. Rows that exit on
+rank 0 travel to rank 1 in the intermediate tensors with their head input
+and exit layer, and rank 1 writes their K/V for layers 4..7 (the KV fill of a
+layer happens on the rank that owns it). Ids are compared with compiled
+vanilla PP = 2 (rate 0) and with the plain-PyTorch float32 reference
+(helpers.assert_same_ids: a divergence passes only where the reference's
+top-2 logit margin is below MARGIN).
+"""
+import os
+
+import pytest
+import torch
+
+from helpers import (CachedReference, assert_same_ids, free_engine, overrides, plant_ramps, tiny_llama,
+                     tiny_prompt_ids)
+
+EXITS = [2, 4, 6]
+MIDDLE = {2: 0.3, 4: 0.357, 6: 0.444}
+THRESHOLD = 0.6
+MAX_TOKENS = 16
+MARGIN = 1e-4
+CASES = {"zero": overrides(policy="token", force_exit={e: 0.0 for e in EXITS}),
+         "middle": overrides(policy="token", force_exit=MIDDLE),
+         "max_prob": overrides(policy="token")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tiny_llama(tmp_path_factory.mktemp("tiny-pp"))
+    plant_ramps(d, EXITS)
+    return d
+
+
+def _gen(llm, extra=None):
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in tiny_prompt_ids(8, lo=3, hi=12)]
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    from vllm import LLM
+
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    common = dict(dtype="float32", max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
+                  pipeline_parallel_size=2)
+    out = {}
+    try:
+        llm = LLM(tiny, **common)
+        out["vanilla"] = _gen(llm)[0]
+        free_engine(llm)
+        llm = LLM(tiny, model_impl="e3", **common, additional_config={"e3": {
+            "policy": "token", "exits": EXITS, "thresholds": [THRESHOLD] * len(EXITS),
+            "test_overrides": True}})
+        out["mode"] = llm.llm_engine.vllm_config.compilation_config.mode
+        for name, extra in CASES.items():
+            llm.collective_rpc("e3_reset_exit_stats")
+            out[name], ids = _gen(llm, extra)
+            out[name, "stats"] = llm.collective_rpc("e3_exit_stats")           # one per rank
+            out[name, "requests"] = llm.collective_rpc("e3_request_stats", args=(ids,))
+        free_engine(llm)
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(tiny):
+    from transformers import AutoConfig
+
+    from vllm_e3.tools.calibrate import load_ramps
+
+    cfg = AutoConfig.from_pretrained(tiny)
+    ramps, _ = load_ramps(os.path.join(tiny, "e3", "ramps.safetensors"), cfg.hidden_size, cfg.rms_norm_eps)
+    torch.set_num_threads(1)
+    return CachedReference(tiny, MAX_TOKENS, ramps)
+
+
+def _check(runs, ref, case, **kw) -> list:
+    prompts = tiny_prompt_ids(8, lo=3, hi=12)
+    want = [ref.generate(ids, **kw) for ids in prompts]
+    assert_same_ids(case, runs[case], [w[0] for w in want], prompts, ref, MARGIN, **kw)
+    return [x for w in want for x in w[1]]
+
+
+def test_rate_zero_is_vanilla_pp2(runs):
+    from vllm.config import CompilationMode
+
+    assert runs["mode"] != CompilationMode.NONE
+    assert runs["zero"] == runs["vanilla"]
+    assert all(not s["exited"] for s in runs["zero", "stats"])
+
+
+def test_middle_profile_matches_the_reference_across_ranks(runs, ref):
+    where = _check(runs, ref, "middle", exits=EXITS, force_exit=MIDDLE)
+    assert {w for w in where if w is not None} == set(EXITS)
+    r0, r1 = runs["middle", "stats"]
+    assert (r0["rank"]["pp"], r1["rank"]["pp"]) == (0, 1)
+    n2, n4, n6 = r0["exited"][2], r0["exited"][4], r1["exited"][6]
+    assert set(r0["exited"]) == {2, 4} and set(r1["exited"]) == {6} and min(n2, n4, n6) > 0
+    # the KV fill of a layer on the rank that owns it: rank 0 layers 2-3 for
+    # exit 2; rank 1 layers 4-7 for the rows that crossed, 6-7 for its own
+    assert r0["kv_fill_rows"] == 2 * n2
+    assert r1["kv_fill_rows"] == 4 * (n2 + n4) + 2 * n6
+    # step and token counters on the last rank; the engine's adds the ranks
+    from vllm_e3.stats import engine_stats
+
+    eng = engine_stats(runs["middle", "stats"])
+    assert r0["decode_tokens"] == 0 and r1["decode_tokens"] == 8 * (MAX_TOKENS - 1)
+    assert eng["exited"] == {2: n2, 4: n4, 6: n6}
+    assert eng["layers_full"] - eng["layers_run"] == 6 * n2 + 4 * n4 + 2 * n6
+    # per-request counters: the last rank's
+    per_rank = runs["middle", "requests"]
+    assert per_rank[0] == {} and sum(r["tokens"] for r in per_rank[1].values()) == 8 * (MAX_TOKENS - 1)
+
+
+def test_max_prob_matches_the_reference(runs, ref):
+    """Rank 0 decides its exits with its own copies of the final norm and LM
+    head (PPMissingLayer there in vLLM)."""
+    where = _check(runs, ref, "max_prob", exits=EXITS, thresholds=[THRESHOLD] * len(EXITS))
+    assert len({w for w in where if w is not None}) >= 2
+    assert runs["max_prob"] != runs["zero"]
