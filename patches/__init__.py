@@ -26,8 +26,7 @@ def wrap_method(owner, name: str, make_wrapper) -> bool:
 
 
 def apply_all() -> None:
-    from . import patch_arg_utils, patch_metrics_registry, patch_registry
+    from . import patch_arg_utils, patch_registry
 
     patch_registry.apply()
     patch_arg_utils.apply()
-    patch_metrics_registry.apply()

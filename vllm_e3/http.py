@@ -71,10 +71,10 @@ async def _rpc_engines(raw: Request, method: str, *args) -> list[list]:
 
 
 async def _request_stats(raw: Request, request_id: str) -> dict:
-    """{request_id: counters} from whichever engine served it (under pipeline
-    parallelism its last rank keeps them)."""
-    merged: dict = {}
-    for engine in await _rpc_engines(raw, "e3_request_stats", [request_id]):
-        for r in engine:
-            merged.update(r or {})
-    return merged
+    """{request_id: counters}, added over the engines (one worker of each
+    answers: vllm_e3.worker); the engine that served it has them."""
+    from .stats import add_counters
+
+    found = [r[request_id] for engine in await _rpc_engines(raw, "e3_request_stats", [request_id])
+             for r in engine if r and request_id in r]
+    return {request_id: add_counters(found)} if found else {}

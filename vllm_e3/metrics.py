@@ -20,10 +20,14 @@ so the worker publishes its counters instead:
   labels its own (`engine="0"`, `"1"`, ... under `--data-parallel-size`).
 
 Several API servers (vLLM's default under `--data-parallel-size N` is N)
-make vLLM serve `/metrics` from a registry it builds per process in
-multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`), which the front end's
-registration never reaches: patches/patch_metrics_registry.py registers the
-collector in that registry too, in each API server process (patch 6).
+put vLLM's metrics in Prometheus' multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`):
+each `/metrics` scrape builds a fresh registry over the per-process value
+files in that directory, and no registered collector is ever read. There
+the publisher writes the same counters as `prometheus_client` counters
+instead (`MultiprocessCounters`), into that directory, as vLLM's own
+processes do; the scrape adds them over processes, which adds an engine's
+pipeline ranks. The audit's agreement gauges are derived per scrape and so
+exist only in single-server mode; their two counters are in both.
 Vanilla engines never run any of this.
 """
 from __future__ import annotations
@@ -42,17 +46,67 @@ logger = logging.getLogger("vllm.e3")
 
 STATS_ENV = "VLLM_E3_STATS_DIR"
 MODEL_ENV = "VLLM_E3_MODEL_NAME"
+OWNER_ENV = "VLLM_E3_STATS_OWNER"         # the pid that made the directory
 PERIOD_S = 0.25
 PREFIX = "vllm_e3:"
 
 
-# ---- worker ------------------------------------------------------------------------------------
-class StatsPublisher:
-    """Writes the runner's exit counters (vllm_e3.runtime) as JSON to `path`
-    while they change."""
+# (metric, help, ExitStats key, label of the per-key series or None): every E3 counter family
+FAMILIES = [
+    ("decode_tokens", "Decode tokens computed by the E3 model", "decode_tokens", None),
+    ("tokens_exited", "Decode tokens that left at an exit point", "exited", "exit"),
+    ("decoder_layers_run", "Decoder layers run by decode tokens", "layers_run", None),
+    ("decoder_layers_full", "Decoder layers the same tokens run without exits", "layers_full", None),
+    ("kv_fill_rows", "KV-fill work: one per exited token per skipped layer", "kv_fill_rows", None),
+    ("tokens_parked", "Decode tokens parked to regroup (policy e3)", "parked", None),
+    ("tokens_resumed", "Parked tokens resumed where they stopped", "resumed", None),
+    ("park_wait_tokens", "Tokens by the steps they waited parked", "park_wait_hist", "steps"),
+    ("stage_rows", "Decode rows run per stage (mean stage batch = rows / runs)", "stage_rows", "stage_start"),
+    ("stage_runs", "Stage runs with decode rows", "stage_runs", "stage_start"),
+    ("audit_tokens", "Exited tokens the online audit also ran to the last layer", "audited", "exit"),
+    ("audit_agreements", "Audited tokens whose exit top-1 is the full model's", "audit_agreed", "exit"),
+]
 
-    def __init__(self, runtime, path: str, rank: dict[str, int]):
-        self.runtime, self.path, self.rank = runtime, path, rank
+
+def series(s: dict, key: str, label: str | None) -> list[tuple[str | None, float]]:
+    """(label value or None, count) of one family in counters `s`."""
+    if label is None:
+        return [(None, s[key])]
+    return [(str(k), v) for k, v in sorted(s.get(key, {}).items(), key=lambda kv: int(kv[0]))]
+
+
+# ---- worker ------------------------------------------------------------------------------------
+class MultiprocessCounters:
+    """The counters as `prometheus_client` counters in multiprocess mode
+    (their values go to this process's files in PROMETHEUS_MULTIPROC_DIR),
+    advanced by the growth of each snapshot over the last; a reset of the
+    worker's counters starts from the new values."""
+
+    def __init__(self, model_name: str, engine: int):
+        from prometheus_client import Counter
+
+        self.base = [model_name, str(engine)]
+        self.counters = {name: Counter(PREFIX + name, doc, ["model_name", "engine", *([label] if label else [])],
+                                       registry=None)
+                         for name, doc, _, label in FAMILIES}
+        self.seen: dict[tuple, float] = {}
+
+    def update(self, snap: dict) -> None:
+        for name, _, key, label in FAMILIES:
+            for value, n in series(snap, key, label):
+                labels = self.base + ([value] if label else [])
+                grown = n - self.seen.get((name, *labels), 0)
+                if grown > 0:
+                    self.counters[name].labels(*labels).inc(grown)
+                self.seen[(name, *labels)] = n
+
+
+class StatsPublisher:
+    """Publishes the runner's exit counters (vllm_e3.runtime) while they
+    change: as JSON to `path`, or to `prom` (MultiprocessCounters)."""
+
+    def __init__(self, runtime, path: str, rank: dict[str, int], prom: MultiprocessCounters | None = None):
+        self.runtime, self.path, self.rank, self.prom = runtime, path, rank, prom
         self._last = None
         threading.Thread(target=self._run, name="vllm-e3-stats", daemon=True).start()
 
@@ -69,6 +123,10 @@ class StatsPublisher:
     def publish(self) -> None:
         snap = self.snapshot()
         if snap is None or snap == self._last:
+            return
+        if self.prom is not None:
+            self.prom.update(snap)
+            self._last = snap
             return
         tmp = f"{self.path}.{os.getpid()}.tmp"
         # 0600 whatever the umask: the counters are this server's business
@@ -94,7 +152,10 @@ def start_publisher(runtime, rank: dict[str, int]) -> StatsPublisher | None:
     d = os.environ.get(STATS_ENV)
     if not d or runtime is None or rank["tp"] != 0 or not os.path.isdir(d):
         return None
-    return StatsPublisher(runtime, os.path.join(d, f"exit_stats.dp{rank['dp']}.pp{rank['pp']}.json"), rank)
+    prom = (MultiprocessCounters(os.environ.get(MODEL_ENV, ""), rank["dp"])
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None)
+    return StatsPublisher(runtime, os.path.join(d, f"exit_stats.dp{rank['dp']}.pp{rank['pp']}.json"), rank,
+                          prom)
 
 
 # ---- front end ---------------------------------------------------------------------------------
@@ -126,53 +187,27 @@ class E3Collector:
             yield from self.families(engines)
 
     def families(self, engines: dict[int, dict]):
-        """Every E3 metric family; one series per engine (and label value)."""
+        """Every E3 metric family (FAMILIES); one series per engine and label
+        value."""
         from prometheus_client.core import CounterMetricFamily
 
-        def counter(name, doc, key, labels=()):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name", "engine", *labels])
+        for name, doc, key, label in FAMILIES:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name", "engine", *([label] if label else [])])
             for dp, s in engines.items():
-                m = [self.model_name, str(dp)]
-                if labels:
-                    for k, v in by_key(s[key]):
-                        c.add_metric([*m, str(k)], v)
-                else:
-                    c.add_metric(m, s[key])
-            return c
-
-        def by_key(d):
-            return sorted(d.items(), key=lambda kv: int(kv[0]))
-
-        yield counter("decode_tokens", "Decode tokens computed by the E3 model", "decode_tokens")
-        yield counter("tokens_exited", "Decode tokens that left at an exit point", "exited", ["exit"])
-        yield counter("decoder_layers_run", "Decoder layers run by decode tokens", "layers_run")
-        yield counter("decoder_layers_full", "Decoder layers the same tokens run without exits",
-                      "layers_full")
-        yield counter("kv_fill_rows", "KV-fill work: one per exited token per skipped layer",
-                      "kv_fill_rows")
-        yield counter("tokens_parked", "Decode tokens parked to regroup (policy e3)", "parked")
-        yield counter("tokens_resumed", "Parked tokens resumed where they stopped", "resumed")
-        yield counter("park_wait_tokens", "Tokens by the steps they waited parked", "park_wait_hist",
-                      ["steps"])
-        yield counter("stage_rows", "Decode rows run per stage (mean stage batch = rows / runs)",
-                      "stage_rows", ["stage_start"])
-        yield counter("stage_runs", "Stage runs with decode rows", "stage_runs", ["stage_start"])
+                for value, n in series(s, key, label):
+                    c.add_metric([self.model_name, str(dp), *([value] if label else [])], n)
+            yield c
         if any(s.get("audited") for s in engines.values()):
-            yield from self.audit_metrics(engines, counter, by_key)
+            yield from self.audit_gauges(engines)
 
-    def audit_metrics(self, engines: dict[int, dict], counter, by_key):
-        """The online audit (E3Config.audit_rate): counters per exit, and per exit and over
-        all exits the live agreement with its one-sided 95% Clopper-Pearson lower bound
-        (1 - the upper bound on the disagreement rate, vllm_e3.bounds), cached per count;
-        per engine."""
+    def audit_gauges(self, engines: dict[int, dict]):
+        """The online audit (E3Config.audit_rate), per engine, per exit and over all
+        exits: the live agreement with its one-sided 95% Clopper-Pearson lower bound
+        (1 - the upper bound on the disagreement rate, vllm_e3.bounds), cached per count."""
         from prometheus_client.core import GaugeMetricFamily
 
         from .bounds import cp_upper
 
-        yield counter("audit_tokens", "Exited tokens the online audit also ran to the last layer",
-                      "audited", ["exit"])
-        yield counter("audit_agreements", "Audited tokens whose exit top-1 is the full model's",
-                      "audit_agreed", ["exit"])
         labels = ["model_name", "engine", "exit"]
         live = GaugeMetricFamily(PREFIX + "audit_agreement", "Audited agreement of exited tokens with "
                                  "the full model's top-1", labels=labels)
@@ -182,7 +217,7 @@ class E3Collector:
             audited, agreed = s.get("audited", {}), s.get("audit_agreed", {})
             if not audited:
                 continue
-            groups = [(str(e), n, agreed.get(e, 0)) for e, n in by_key(audited)]
+            groups = [(e, n, agreed.get(e, 0)) for e, n in series(s, "audited", "exit")]
             groups.append(("all", sum(audited.values()), sum(agreed.values())))
             for label, n, a in groups:
                 key = (n - a, n)
@@ -198,27 +233,20 @@ _collector: E3Collector | None = None
 _lock = threading.Lock()
 
 
-def register_collector(registry) -> E3Collector | None:
-    """An E3Collector over this process's `VLLM_E3_STATS_DIR`, registered in
-    `registry` (a per-process multiprocess registry: patch 6); None when this
-    process serves no E3 engine."""
-    d = os.environ.get(STATS_ENV)
-    if not d:
-        return None
-    c = E3Collector(d, os.environ.get(MODEL_ENV, ""))
-    registry.register(c)
-    return c
-
-
 def prepare_frontend(model_name: str) -> str:
     """For an `--model-impl e3` engine about to start: a fresh stats directory
     (in the environment its processes inherit) and the collector pointed at
     it. Returns the directory."""
     global _collector
-    d = tempfile.mkdtemp(prefix="vllm-e3-stats-")
-    atexit.register(shutil.rmtree, d, True)
-    os.environ[STATS_ENV] = d
-    os.environ[MODEL_ENV] = model_name
+    d = os.environ.get(STATS_ENV)
+    if not (d and os.environ.get(OWNER_ENV) != str(os.getpid()) and os.path.isdir(d)):
+        # a fresh directory, unless this process is a child of the front end
+        # that made one (an API server of several builds its config again)
+        d = tempfile.mkdtemp(prefix="vllm-e3-stats-")
+        atexit.register(shutil.rmtree, d, True)
+        os.environ[STATS_ENV] = d
+        os.environ[OWNER_ENV] = str(os.getpid())
+        os.environ[MODEL_ENV] = model_name
     with _lock:
         if _collector is None:
             from prometheus_client import REGISTRY

@@ -119,10 +119,12 @@ class E3Runtime:
 
     def finish(self, req_ids) -> None:
         """Finished or aborted: drop rules and parked state, keep counters in
-        the LRU."""
-        self.rules.finish(req_ids)
-        self.parking.drop(req_ids)
-        self.counters.finish(req_ids)
+        the LRU. Only requests this runner admitted: another data-parallel
+        engine's request ids are not this one's to record."""
+        mine = [rid for rid in req_ids if rid in self.rules.rules or rid in self.counters.running]
+        self.rules.finish(mine)
+        self.parking.drop(mine)
+        self.counters.finish(mine)
 
     def live_state(self) -> dict[str, int]:
         """What is held right now (all 0 once every request has ended; the

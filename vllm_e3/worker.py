@@ -154,7 +154,10 @@ class E3CPUWorker(CPUWorker):
         """This worker's data-, pipeline- and tensor-parallel rank."""
         from vllm.distributed import get_pp_group, get_tp_group
 
-        return {"dp": self.vllm_config.parallel_config.data_parallel_rank,
+        pc = self.vllm_config.parallel_config
+        # a dense model's DP engines run as independent engines with
+        # data_parallel_rank 0; data_parallel_index keeps the engine's index
+        return {"dp": getattr(pc, "data_parallel_index", pc.data_parallel_rank),
                 "pp": get_pp_group().rank_in_group, "tp": get_tp_group().rank_in_group}
 
     # ---- introspection by name (llm.collective_rpc, vllm_e3.stats, vllm_e3.http)
@@ -181,13 +184,16 @@ class E3CPUWorker(CPUWorker):
         return exit_stats(self._e3_runtime(), self.e3_rank())
 
     def e3_request_stats(self, ids: list[str] | None = None) -> dict[str, dict]:
-        """Per-request counters; under pipeline parallelism the last rank's
-        (it alone sees every token's exit: vllm_e3.models.loop), {} elsewhere."""
-        from vllm.distributed import get_pp_group
+        """Per-request counters, from one worker per engine: the last
+        pipeline rank (it alone sees every token's exit: vllm_e3.models.loop)
+        at tensor-parallel rank 0 (the others hold the same); {} elsewhere."""
+        from vllm.distributed import get_pp_group, get_tp_group
 
         from .stats import request_stats
 
-        return request_stats(self._e3_runtime(), ids) if get_pp_group().is_last_rank else {}
+        if not get_pp_group().is_last_rank or get_tp_group().rank_in_group != 0:
+            return {}
+        return request_stats(self._e3_runtime(), ids)
 
     def e3_parked_count(self) -> int:
         rt = self._e3_runtime()
