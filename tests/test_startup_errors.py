@@ -36,6 +36,21 @@ def test_policy_e3_refuses_async_scheduling(model_dir):
             additional_config={"e3": {"policy": "e3", "exits": [8]}})
 
 
+@pytest.mark.parametrize("e3, what", [
+    ({"policy": "e3", "exits": [8]}, "policy 'e3'"),
+    ({"policy": "token", "exits": [8], "audit_rate": 0.1}, "the online audit"),
+    ({"policy": "token", "exits": [8], "plan": True}, "the start-up planner"),
+])
+def test_pipeline_parallel_refuses_what_runs_in_one_rank(model_dir, e3, what):
+    """vllm_e3.parallel: parking, the audit and the planner need one pipeline rank."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError) as ei:
+        LLM(model_dir, model_impl="e3", pipeline_parallel_size=2, additional_config={"e3": e3})
+    assert f"--pipeline-parallel-size 2: {what}" in str(ei.value)
+    assert "use policy 'token' or 'sync'" in str(ei.value)
+
+
 @pytest.fixture()
 def model_copy(model_dir, tmp_path):
     """A model directory of links to the prepared one, with its own e3/."""

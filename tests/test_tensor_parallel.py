@@ -4,9 +4,11 @@ rank: VLLM_CPU_OMP_THREADS_BIND="0|1").
 The embedded model has 9 attention heads and 3 KV heads, which 2 does not
 divide (vLLM refuses it), so these run a random 8-layer Llama with 4 heads
 and 2 KV heads (tests/helpers.py `tiny_llama`), planted low-rank ramps at
-exits 2, 4, 6, float32, eager (exact ids; the compiled stages are the same
-code, covered in test_compiled_stages.py). Three engines: vanilla TP = 2,
-E3 TP = 2 and E3 TP = 1, the cases per request.
+exits 2, 4, 6, float32, eager (the compiled stages are the same code,
+covered in test_compiled_stages.py). Two engines, vanilla TP = 2 and E3
+TP = 2 (the cases per request); TP = 1 is the plain-PyTorch float32
+reference (helpers.CachedReference), which a TP = 1 engine matches
+(test_token_exits.py).
 
 What TP breaks without vllm_e3.parallel: each rank scores its exits on its
 own half of the vocabulary, so ranks exit different rows (measured: 0 of 8
@@ -16,12 +18,16 @@ import os
 
 import pytest
 
-from helpers import free_engine, overrides, plant_ramps, tiny_llama, tiny_prompt_ids
+import torch
+
+from helpers import (CachedReference, assert_same_ids, free_engine, overrides, plant_ramps, tiny_llama,
+                     tiny_prompt_ids)
 
 EXITS = [2, 4, 6]
 MIDDLE = {2: 0.3, 4: 0.357, 6: 0.444}
 THRESHOLD = 0.6
 MAX_TOKENS = 16
+MARGIN = 1e-4
 CASES = {"zero": overrides(policy="token", force_exit={e: 0.0 for e in EXITS}),
          "middle": overrides(policy="token", force_exit=MIDDLE),
          "max_prob": overrides(policy="token")}       # the planted ramps and the engine's thresholds
@@ -57,20 +63,18 @@ def _gen(llm, extra=None):
 @pytest.fixture(scope="module")
 def runs(tiny):
     old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     out = {}
     try:
-        for tp in (2, 1):
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1" if tp == 2 else "auto"
-            if tp == 2:
-                llm = _engine(tiny, 2, e3=False)
-                out["vanilla2"] = _gen(llm)
-                free_engine(llm)
-            llm = _engine(tiny, tp, e3=True)
-            for name, extra in CASES.items():
-                llm.collective_rpc("e3_reset_exit_stats")
-                out[name, tp] = _gen(llm, extra)
-                out[name, tp, "stats"] = llm.collective_rpc("e3_exit_stats")    # one per rank
-            free_engine(llm)
+        llm = _engine(tiny, 2, e3=False)
+        out["vanilla"] = _gen(llm)
+        free_engine(llm)
+        llm = _engine(tiny, 2, e3=True)
+        for name, extra in CASES.items():
+            llm.collective_rpc("e3_reset_exit_stats")
+            out[name] = _gen(llm, extra)
+            out[name, "stats"] = llm.collective_rpc("e3_exit_stats")    # one per rank
+        free_engine(llm)
     finally:
         if old is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -79,27 +83,51 @@ def runs(tiny):
     return out
 
 
+@pytest.fixture(scope="module")
+def ref(tiny):
+    from transformers import AutoConfig
+
+    from vllm_e3.tools.calibrate import load_ramps
+
+    cfg = AutoConfig.from_pretrained(tiny)
+    ramps, _ = load_ramps(os.path.join(tiny, "e3", "ramps.safetensors"), cfg.hidden_size, cfg.rms_norm_eps)
+    torch.set_num_threads(1)
+    return CachedReference(tiny, MAX_TOKENS, ramps)
+
+
+def _check(runs, ref, case, **kw) -> dict[int, int]:
+    """TP = 2 ids against the reference; returns the reference's exits {exit: tokens}."""
+    prompts = tiny_prompt_ids(8, lo=3, hi=12)
+    want = [ref.generate(ids, **kw) for ids in prompts]
+    assert_same_ids(case, runs[case], [w[0] for w in want], prompts, ref, MARGIN, **kw)
+    where = [x for w in want for x in w[1] if x is not None]
+    return {e: where.count(e) for e in sorted(set(where))}
+
+
 def test_rate_zero_is_vanilla_tp2(runs):
-    assert runs["zero", 2] == runs["vanilla2"]
-    assert all(not s["exited"] for s in runs["zero", 2, "stats"])
+    assert runs["zero"] == runs["vanilla"]
+    assert all(not s["exited"] for s in runs["zero", "stats"])
 
 
-def test_middle_profile_tp2_is_tp1(runs):
-    assert runs["middle", 2] == runs["middle", 1]
-    assert runs["middle", 2] != runs["zero", 2]          # the profile changed the output
-    s2, (s1,) = runs["middle", 2, "stats"], runs["middle", 1, "stats"]
-    assert s2[0]["exited"] == s2[1]["exited"] == s1["exited"] and len(s1["exited"]) == 3
+def test_middle_profile_tp2_is_tp1(runs, ref):
+    exits = _check(runs, ref, "middle", exits=EXITS, force_exit=MIDDLE)
+    assert runs["middle"] != runs["zero"]                # the profile changed the output
+    s0, s1 = runs["middle", "stats"]
+    assert s0["exited"] == s1["exited"] and len(s0["exited"]) == 3
+    if runs["middle"] == [w[0] for w in (ref.generate(p, exits=EXITS, force_exit=MIDDLE)
+                                          for p in tiny_prompt_ids(8, lo=3, hi=12))]:
+        assert s0["exited"] == exits
 
 
-def test_max_prob_decisions_are_the_same_on_every_rank(runs):
+def test_max_prob_decisions_are_the_same_on_every_rank(runs, ref):
     """The shard-aware confidence: both ranks exit the same rows, as TP = 1
     does. Run to completion is the no-hang check: a rank keeping rows the
-    other dropped stalls in the next stage's all-reduce."""
-    s2, (s1,) = runs["max_prob", 2, "stats"], runs["max_prob", 1, "stats"]
-    assert s2[0] == s2[1]                                # same decisions, same counters
-    assert s2[0]["exited"] == s1["exited"]
-    assert sum(s1["exited"].values()) >= 8 and len(s1["exited"]) == 3   # exits fired at every exit
-    # Decisions near the threshold could flip between TP = 1 and 2 (the
-    # hidden states differ in the last bits); on these prompts none is.
-    assert runs["max_prob", 2] == runs["max_prob", 1]
-    assert runs["max_prob", 2] != runs["zero", 2]
+    other dropped stalls in the next stage's all-reduce. Decisions near the
+    threshold could flip between TP = 1 and 2 (the hidden states differ in
+    the last bits); assert_same_ids would show it."""
+    s0, s1 = runs["max_prob", "stats"]
+    assert {k: v for k, v in s0.items() if k != "rank"} == {k: v for k, v in s1.items() if k != "rank"}
+    assert (s0["rank"]["tp"], s1["rank"]["tp"]) == (0, 1)
+    exits = _check(runs, ref, "max_prob", exits=EXITS, thresholds=[THRESHOLD] * len(EXITS))
+    assert s0["exited"] == exits and sum(exits.values()) >= 8 and len(exits) == 3
+    assert runs["max_prob"] != runs["zero"]
