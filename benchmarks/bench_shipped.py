@@ -53,7 +53,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from common import machine, median
+    from common import interleaved_rounds, machine, median
     from vllm_e3.tools.data import chat_token_ids, humaneval_prompts
     from vllm_e3.config import CALIBRATION_FILENAME, e3_dir, load_e3_config
     from vllm_e3.prepare import bare_view, prepare
@@ -84,19 +84,8 @@ def main() -> None:
         engines[c] = LLM(model, **common, **kw)
         engines[c].generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
         print(f"{c}: engine up in {time.perf_counter() - t0:.0f}s", flush=True)
-    times, outs, stats = {c: [] for c in cases}, {}, {}
-    for r in range(args.runs):
-        for c in cases:
-            llm = engines[c]
-            if c != "vanilla":
-                llm.collective_rpc("e3_reset_exit_stats")
-            t0 = time.perf_counter()
-            got = llm.generate(prompts, sp, use_tqdm=False)
-            times[c].append(time.perf_counter() - t0)
-            outs[c] = [list(o.outputs[0].token_ids) for o in got]
-            if c != "vanilla":
-                stats[c] = llm.collective_rpc("e3_exit_stats")[0]
-            print(f"round {r} {c:18s} {times[c][-1]:7.2f}s", flush=True)
+    times, outs, stats = interleaved_rounds(engines, prompts, sp, args.runs,
+                                            lambda llm: llm.collective_rpc("e3_exit_stats")[0])
     n_out = args.batch * args.output_len
     van = n_out / median(times["vanilla"])
     print(f"\nmachine: {machine()}\nSmolLM2-135M-Instruct float32, {args.mode}, batch {args.batch}, "

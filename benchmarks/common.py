@@ -64,3 +64,26 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def interleaved_rounds(engines: dict, prompts, sp, runs: int, stats=None):
+    """Time `engines` (name -> LLM) in `runs` interleaved rounds of one
+    closed batch each. E3 engines (every name but "vanilla") have their exit
+    counters reset before each round and read after it with `stats(llm)`.
+    Returns per name: the round times (s), the last round's token ids, the
+    last round's counters."""
+    times = {c: [] for c in engines}
+    outs, counters = {}, {}
+    for r in range(runs):
+        for c, llm in engines.items():
+            e3 = c != "vanilla"
+            if e3:
+                llm.collective_rpc("e3_reset_exit_stats")
+            t0 = time.perf_counter()
+            got = llm.generate(prompts, sp, use_tqdm=False)
+            times[c].append(time.perf_counter() - t0)
+            outs[c] = [list(o.outputs[0].token_ids) for o in got]
+            if e3 and stats is not None:
+                counters[c] = stats(llm)
+            print(f"round {r} {c:18s} {times[c][-1]:7.2f}s", flush=True)
+    return times, outs, counters
