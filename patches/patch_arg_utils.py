@@ -80,21 +80,30 @@ def check_against_model(e3cfg, vllm_config) -> None:
         raise E3ConfigError(f"confidence {e3cfg.confidence!r} reads the shortlist of "
                             f"{os.path.join(e3_dir(model_dir), CALIBRATION_FILENAME)}, and there is none: "
                             f"run `vllm-e3 calibrate`")
-    _check_parallel(e3cfg, vllm_config.parallel_config)
+    _check_parallel(e3cfg, vllm_config)
 
 
-def _check_parallel(e3cfg, parallel_config) -> None:
+def _check_parallel(e3cfg, vllm_config) -> None:
     """What E3 does not run under pipeline parallelism (vllm_e3.parallel):
     parking, because a parked token's state would have to wait on the rank
     that parked it while the other ranks and the scheduler move on (its
     request yields no token, decided mid-pipeline); the online audit, which
     runs exited rows through layers on every later rank; and the start-up
-    planner, which measures one process's stages."""
+    planner, which measures one process's stages. Nor eagerly: vLLM 0.32's
+    CPU runner allocates the receiving rank's buffers only in the compiled
+    warm-up, so rank 1 fails its first step (vanilla vLLM too)."""
+    from vllm.config import CompilationMode
+
     from vllm_e3.config import E3ConfigError
 
-    pp = parallel_config.pipeline_parallel_size
+    pp = vllm_config.parallel_config.pipeline_parallel_size
     if pp == 1:
         return
+    if vllm_config.compilation_config.mode == CompilationMode.NONE:
+        raise E3ConfigError(f"--pipeline-parallel-size {pp} with --enforce-eager: vLLM 0.32 on CPU "
+                            f"fails on the second rank's first step (AssertionError in "
+                            f"sync_and_gather_intermediate_tensors, vanilla vLLM too); leave out "
+                            f"--enforce-eager (E3's stages compile)")
     for bad, what in ((e3cfg.policy == "e3", "policy 'e3' (parking and regrouping)"),
                       (e3cfg.audit_rate > 0, "the online audit (audit_rate > 0)"),
                       (bool(e3cfg.plan), "the start-up planner (plan)")):

@@ -51,6 +51,14 @@ def test_pipeline_parallel_refuses_what_runs_in_one_rank(model_dir, e3, what):
     assert "use policy 'token' or 'sync'" in str(ei.value)
 
 
+def test_pipeline_parallel_refuses_eager(model_dir):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 2 with --enforce-eager: vLLM 0.32"):
+        LLM(model_dir, model_impl="e3", pipeline_parallel_size=2, enforce_eager=True,
+            additional_config={"e3": {"policy": "token", "exits": [8]}})
+
+
 @pytest.fixture()
 def model_copy(model_dir, tmp_path):
     """A model directory of links to the prepared one, with its own e3/."""

@@ -8,7 +8,8 @@ the partial statistics of its own rows (`kernels.ConfidencePartials`: top
 logit, second, sum of exp, top-1 id: 16 bytes a row) and one all-gather over
 the tensor-parallel group gives every rank all T partials, which merge as the
 fused kernel merges its vocabulary splits (ranks ascend in vocabulary, so a
-tie goes to the lowest id). Every rank then holds the same bits and makes the
+tie goes to the lowest id; over a shortlist, to the lowest rank, then the
+earliest position in the shortlist). Every rank then holds the same bits and makes the
 same decision for every row: no rank keeps a row another drops, and no
 collective inside a later stage waits for a rank that took another path.
 
