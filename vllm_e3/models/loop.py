@@ -136,7 +136,7 @@ class StageLoop:
                 for e, r, x, p in self.exited if max(e, rank.lo) < rank.hi]
         fill = [g for g in fill if g[1].numel()]
         if fill:
-            with timed(self.prof, "fill", sum(int(g[1].numel()) * (self.L - g[0]) for g in fill)):
+            with timed(self.prof, "fill", sum(int(g[1].numel()) * (rank.hi - g[0]) for g in fill)):
                 self._kv_fill(fill)
         if self.prof is not None and self.prof.cur is not None:
             cur = self.prof.cur
