@@ -387,6 +387,7 @@ def test_metrics_side_file_is_private(tmp_path):
     try:
         pub = StatsPublisher.__new__(StatsPublisher)
         pub.runtime, pub.path, pub._last = runtime, str(tmp_path / "stats.json"), None
+        pub.rank, pub.prom = {"dp": 0, "pp": 0, "tp": 0}, None
         pub.publish()
     finally:
         os.umask(old)

@@ -182,11 +182,13 @@ def test_vanilla_engine_args_are_untouched(model_dir):
     """Nothing of vllm-e3 reaches an engine without --model-impl e3."""
     from vllm.engine.arg_utils import EngineArgs
 
-    before = os.environ.get("VLLM_E3_STATS_FILE")
+    from vllm_e3.metrics import STATS_ENV
+
+    before = os.environ.get(STATS_ENV)
     cfg = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True).create_engine_config()
     assert not cfg.model_config.logits_processors
     assert cfg.parallel_config.worker_cls != "vllm_e3.worker.E3CPUWorker"
-    assert os.environ.get("VLLM_E3_STATS_FILE") == before
+    assert os.environ.get(STATS_ENV) == before
 
 
 # ---- load, disconnects ---------------------------------------------------------------------------
