@@ -22,9 +22,11 @@ def test_finish_drops_rules_parking_and_running_counters():
     rt.finish(["a"])
     assert rt.live_state() == {"parked_now": 0, "requests_tracked": 1, "requests_admitted": 1}
     assert rt.counters.known()["a"].tokens == 3          # readable after it ended
-    rt.finish(["b", "never-ran"])
+    rt.rules.rules["c"] = FULL_RULES                     # admitted, finished before a decode step
+    rt.finish(["b", "c", "elsewhere"])                   # "elsewhere": another DP engine's request
     assert rt.live_state() == {"parked_now": 0, "requests_tracked": 0, "requests_admitted": 0}
-    assert rt.counters.known()["never-ran"].tokens == 0
+    assert rt.counters.known()["c"].tokens == 0
+    assert "elsewhere" not in rt.counters.known()
 
 
 def test_parking_lot_hands_over_everything_once():
