@@ -382,8 +382,8 @@ def test_calibrate_end_to_end_on_the_tiny_model(tiny_dir, tiny_artifact, tmp_pat
     for m, v in q.items():
         assert set(v["exits"]) == {"1", "3"} and v["check_layers"] > 0
         assert all(0.0 <= x["auc"] <= 1.0 or math.isnan(x["auc"]) for x in v["exits"].values())
-    # a shortlist check reads fewer rows of the head than the full-vocabulary one
-    assert q[f"{SHORTLIST}16"]["check_layers"] < q["max_prob"]["check_layers"]
+    # (check costs are timed, so how they compare is a benchmark's business, not this test's:
+    # on this 512-token vocabulary a 16-row and a 512-row check differ by less than the noise)
     assert set(rep["shortlist_coverage"]) == {16, 128}
     assert len(cal["shortlist"]) == 128 and len(set(cal["shortlist"])) == 128   # stored for the engine
     assert {r["measure"] for r in rep["frontier"]} >= {f"{SHORTLIST}16", "gate"}

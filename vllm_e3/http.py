@@ -39,18 +39,19 @@ class E3EndpointPlugin:
                                            "(unknown, or finished longer ago than the last 4096)")
             return {"id": request_id, "object": "e3.request_stats", **found[request_id]}
 
-        async def engine_stats(raw: Request):
+        async def all_engine_stats(raw: Request):
             from .stats import add_counters, engine_stats
 
             per = [engine_stats(r) for r in await _rpc_engines(raw, "e3_exit_stats")]
             per = [p for p in per if p is not None]
-            live = [r[0] for r in await _rpc_engines(raw, "e3_live_state") if r and r[0]]
+            # each engine's last worker: the last pipeline rank holds the request counters
+            live = [r[-1] for r in await _rpc_engines(raw, "e3_live_state") if r and r[-1]]
             total = add_counters([{k: v for k, v in p.items() if k != "rank"} for p in per]) if per else {}
             return {"object": "e3.stats", **total, **(add_counters(live) if live else {}),
                     **({"engines": per} if len(per) > 1 else {})}
 
         app.add_api_route("/v1/e3/requests/{request_id}", request_stats, methods=["GET"])
-        app.add_api_route("/v1/e3/stats", engine_stats, methods=["GET"])
+        app.add_api_route("/v1/e3/stats", all_engine_stats, methods=["GET"])
 
     async def init_state(self, engine_client, state, args) -> None:
         state.e3_engine_client = engine_client

@@ -78,12 +78,11 @@ def tp_group():
 
 
 # ---- pipeline parallel -------------------------------------------------------------------
-# The tensors an E3 rank sends the next one besides vLLM's own two. For every
-# row: its exit layer (0: still running), and, for a row that exited, the
-# state the LM head reads (`e3_out`); such a row's `hidden_states` is its
+# The tensors an E3 rank sends the next one besides vLLM's own two: for every
+# row its exit layer (`e3_exit`, 0: still running) and, for a row that exited,
+# the state the LM head reads (`e3_out`); such a row's `hidden_states` is its
 # pre-ramp state and its `residual` 0, so the next rank's KV fill of the
 # layers it skipped reads hidden_states + residual as the exiting rank would.
-E3_KEYS = ("e3_out", "e3_exit")
 
 
 @dataclass

@@ -147,7 +147,7 @@ class StageLoop:
         return out
 
     def _send(self, out: torch.Tensor, act: Active):
-        """What the next pipeline rank needs (vllm_e3.parallel.E3_KEYS): the
+        """What the next pipeline rank needs (vllm_e3.parallel, PipelineRank.send): the
         running rows' state, and each exited row's exit layer, head input and
         pre-ramp state (as hidden_states, with residual 0)."""
         hidden, residual = torch.zeros_like(out), torch.zeros_like(out)
