@@ -1,4 +1,5 @@
 """Shared prompts and engine helpers for the tests."""
+import contextlib
 import gc
 
 # Prompts of varied length (3..~60 tokens) for greedy comparisons.
@@ -121,6 +122,22 @@ class CachedReference:
         self.max_tokens = max_tokens
         self.cache = {}
 
+    @classmethod
+    def with_ramps_of(cls, model_dir, max_tokens: int) -> "CachedReference":
+        """The reference with the ramps in `<model_dir>/e3/ramps.safetensors`."""
+        import os
+
+        import torch
+        from transformers import AutoConfig
+
+        from vllm_e3.tools.calibrate import load_ramps
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        ramps, _ = load_ramps(os.path.join(model_dir, "e3", "ramps.safetensors"), cfg.hidden_size,
+                              cfg.rms_norm_eps)
+        torch.set_num_threads(1)
+        return cls(model_dir, max_tokens, ramps)
+
     def _run(self, ids, kw):
         key = (tuple(ids), repr(sorted(kw.items())))
         if key not in self.cache:
@@ -164,3 +181,20 @@ def assert_same_ids(what: str, got: list, want: list, prompt_ids: list, ref: Cac
     for name, step, m in diverged:
         print(f"{what}: {str(name)[:30]!r} first differs at token {step}, reference top-2 margin {m:.3g}")
     assert len(got) == len(want) and all(m < margin for _, _, m in diverged), diverged
+
+
+@contextlib.contextmanager
+def one_core_per_rank():
+    """VLLM_CPU_OMP_THREADS_BIND="0|1" while engines of two ranks start (on
+    this 2-core machine `auto` wants a NUMA node per rank); restored after."""
+    import os
+
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old

@@ -12,13 +12,11 @@ vanilla PP = 2 (rate 0) and with the plain-PyTorch float32 reference
 (helpers.assert_same_ids: a divergence passes only where the reference's
 top-2 logit margin is below MARGIN).
 """
-import os
 
 import pytest
-import torch
 
-from helpers import (CachedReference, assert_same_ids, free_engine, overrides, plant_ramps, tiny_llama,
-                     tiny_prompt_ids)
+from helpers import (CachedReference, assert_same_ids, free_engine, one_core_per_rank, overrides, plant_ramps,
+                     tiny_llama, tiny_prompt_ids)
 
 EXITS = [2, 4, 6]
 MIDDLE = {2: 0.3, 4: 0.357, 6: 0.444}
@@ -50,12 +48,10 @@ def _gen(llm, extra=None):
 def runs(tiny):
     from vllm import LLM
 
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     common = dict(dtype="float32", max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
                   pipeline_parallel_size=2)
     out = {}
-    try:
+    with one_core_per_rank():
         llm = LLM(tiny, **common)
         out["vanilla"] = _gen(llm)[0]
         free_engine(llm)
@@ -69,24 +65,12 @@ def runs(tiny):
             out[name, "stats"] = llm.collective_rpc("e3_exit_stats")           # one per rank
             out[name, "requests"] = llm.collective_rpc("e3_request_stats", args=(ids,))
         free_engine(llm)
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     return out
 
 
 @pytest.fixture(scope="module")
 def ref(tiny):
-    from transformers import AutoConfig
-
-    from vllm_e3.tools.calibrate import load_ramps
-
-    cfg = AutoConfig.from_pretrained(tiny)
-    ramps, _ = load_ramps(os.path.join(tiny, "e3", "ramps.safetensors"), cfg.hidden_size, cfg.rms_norm_eps)
-    torch.set_num_threads(1)
-    return CachedReference(tiny, MAX_TOKENS, ramps)
+    return CachedReference.with_ramps_of(tiny, MAX_TOKENS)
 
 
 def _check(runs, ref, case, **kw) -> list:

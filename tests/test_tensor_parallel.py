@@ -14,14 +14,12 @@ What TP breaks without vllm_e3.parallel: each rank scores its exits on its
 own half of the vocabulary, so ranks exit different rows (measured: 0 of 8
 prompts as at TP = 1, exit counts differing between the ranks).
 """
-import os
 
 import pytest
 
-import torch
 
-from helpers import (CachedReference, assert_same_ids, free_engine, overrides, plant_ramps, tiny_llama,
-                     tiny_prompt_ids)
+from helpers import (CachedReference, assert_same_ids, free_engine, one_core_per_rank, overrides, plant_ramps,
+                     tiny_llama, tiny_prompt_ids)
 
 EXITS = [2, 4, 6]
 MIDDLE = {2: 0.3, 4: 0.357, 6: 0.444}
@@ -62,10 +60,8 @@ def _gen(llm, extra=None):
 
 @pytest.fixture(scope="module")
 def runs(tiny):
-    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     out = {}
-    try:
+    with one_core_per_rank():
         llm = _engine(tiny, 2, e3=False)
         out["vanilla"] = _gen(llm)
         free_engine(llm)
@@ -75,24 +71,12 @@ def runs(tiny):
             out[name] = _gen(llm, extra)
             out[name, "stats"] = llm.collective_rpc("e3_exit_stats")    # one per rank
         free_engine(llm)
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
     return out
 
 
 @pytest.fixture(scope="module")
 def ref(tiny):
-    from transformers import AutoConfig
-
-    from vllm_e3.tools.calibrate import load_ramps
-
-    cfg = AutoConfig.from_pretrained(tiny)
-    ramps, _ = load_ramps(os.path.join(tiny, "e3", "ramps.safetensors"), cfg.hidden_size, cfg.rms_norm_eps)
-    torch.set_num_threads(1)
-    return CachedReference(tiny, MAX_TOKENS, ramps)
+    return CachedReference.with_ramps_of(tiny, MAX_TOKENS)
 
 
 def _check(runs, ref, case, **kw) -> dict[int, int]:
