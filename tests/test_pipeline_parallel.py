@@ -15,69 +15,22 @@ top-2 logit margin is below MARGIN).
 
 import pytest
 
-from helpers import (CachedReference, assert_same_ids, free_engine, one_core_per_rank, overrides, plant_ramps,
-                     tiny_llama, tiny_prompt_ids)
-
-EXITS = [2, 4, 6]
-MIDDLE = {2: 0.3, 4: 0.357, 6: 0.444}
-THRESHOLD = 0.6
-MAX_TOKENS = 16
-MARGIN = 1e-4
-CASES = {"zero": overrides(policy="token", force_exit={e: 0.0 for e in EXITS}),
-         "middle": overrides(policy="token", force_exit=MIDDLE),
-         "max_prob": overrides(policy="token")}
+from tiny_parallel import EXITS, MAX_TOKENS, MIDDLE, THRESHOLD, check, planted_tiny, reference, run_cases
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tiny_llama(tmp_path_factory.mktemp("tiny-pp"))
-    plant_ramps(d, EXITS)
-    return d
-
-
-def _gen(llm, extra=None):
-    from vllm import SamplingParams
-
-    prompts = [{"prompt_token_ids": p} for p in tiny_prompt_ids(8, lo=3, hi=12)]
-    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs]
+    return planted_tiny(tmp_path_factory, "tiny-pp")
 
 
 @pytest.fixture(scope="module")
 def runs(tiny):
-    from vllm import LLM
-
-    common = dict(dtype="float32", max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
-                  pipeline_parallel_size=2)
-    out = {}
-    with one_core_per_rank():
-        llm = LLM(tiny, **common)
-        out["vanilla"] = _gen(llm)[0]
-        free_engine(llm)
-        llm = LLM(tiny, model_impl="e3", **common, additional_config={"e3": {
-            "policy": "token", "exits": EXITS, "thresholds": [THRESHOLD] * len(EXITS),
-            "test_overrides": True}})
-        out["mode"] = llm.llm_engine.vllm_config.compilation_config.mode
-        for name, extra in CASES.items():
-            llm.collective_rpc("e3_reset_exit_stats")
-            out[name], ids = _gen(llm, extra)
-            out[name, "stats"] = llm.collective_rpc("e3_exit_stats")           # one per rank
-            out[name, "requests"] = llm.collective_rpc("e3_request_stats", args=(ids,))
-        free_engine(llm)
-    return out
+    return run_cases(tiny, pipeline_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
 def ref(tiny):
-    return CachedReference.with_ramps_of(tiny, MAX_TOKENS)
-
-
-def _check(runs, ref, case, **kw) -> list:
-    prompts = tiny_prompt_ids(8, lo=3, hi=12)
-    want = [ref.generate(ids, **kw) for ids in prompts]
-    assert_same_ids(case, runs[case], [w[0] for w in want], prompts, ref, MARGIN, **kw)
-    return [x for w in want for x in w[1]]
+    return reference(tiny)
 
 
 def test_rate_zero_is_vanilla_pp2(runs):
@@ -89,7 +42,7 @@ def test_rate_zero_is_vanilla_pp2(runs):
 
 
 def test_middle_profile_matches_the_reference_across_ranks(runs, ref):
-    where = _check(runs, ref, "middle", exits=EXITS, force_exit=MIDDLE)
+    where = check(runs, ref, "middle", exits=EXITS, force_exit=MIDDLE)
     assert {w for w in where if w is not None} == set(EXITS)
     r0, r1 = runs["middle", "stats"]
     assert (r0["rank"]["pp"], r1["rank"]["pp"]) == (0, 1)
@@ -114,6 +67,6 @@ def test_middle_profile_matches_the_reference_across_ranks(runs, ref):
 def test_max_prob_matches_the_reference(runs, ref):
     """Rank 0 decides its exits with its own copies of the final norm and LM
     head (PPMissingLayer there in vLLM)."""
-    where = _check(runs, ref, "max_prob", exits=EXITS, thresholds=[THRESHOLD] * len(EXITS))
+    where = check(runs, ref, "max_prob", exits=EXITS, thresholds=[THRESHOLD] * len(EXITS))
     assert len({w for w in where if w is not None}) >= 2
     assert runs["max_prob"] != runs["zero"]
