@@ -4,16 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
-# The server runs float32, compiled (vLLM's default mode). vLLM 0.32.0 CPU's
-# torch.compile'd bf16 graph decodes wrong tokens, vanilla vLLM included, on
-# AVX2-only and AVX-512-bf16 CPUs alike ("What is the capital of France?" ->
-# "L'Étoile, la Marseillaise, ..."), and float32 is faster anyway. Vanilla,
-# SmolLM2-135M, batch 64, 64 in / 128 out, tok/s: bf16 eager 165.6 (correct),
-# bf16 compiled 173.4 (wrong), fp32 eager 213.7, fp32 compiled 230.1 (1.39x
-# the old eager bf16 default). Override: SERVE_FLAGS="--dtype float32
-# --enforce-eager" runs eager; SERVE_FLAGS= leaves the dtype to vLLM (the
-# checkpoint's bf16, which --model-impl e3 with exits turns into float32).
-SERVE_FLAGS ?= --dtype float32
+# The server runs float32, compiled (vLLM's default mode), with no flags: the
+# prepared model's config.json declares float32 (vllm_e3/prepare.py) and patch
+# 6 keeps it under --dtype auto on CPU. vLLM 0.32.0 CPU's compiled bf16 graph
+# decodes wrong tokens ("What is the capital of France?" -> "L'Étoile, la
+# Marseillaise, ..."), and float32 is faster there. SERVE_FLAGS adds flags:
+# SERVE_FLAGS=--enforce-eager runs eager.
+SERVE_FLAGS ?=
 # vLLM plugins the server loads: e3 (the model, scheduler, worker) and e3_http
 # (GET /v1/e3/requests/{id}: per-response exit statistics), which vLLM loads
 # only when VLLM_PLUGINS names it.
@@ -42,7 +39,7 @@ test: prepare
 bench: prepare
 	@$(BIN)/python benchmarks/bench_policies.py $(ARGS)
 
-# Issue 12's soak: 3,000 mixed requests against a policy-e3 server with the
+# The hardening soak: 3,000 mixed requests against a policy-e3 server with the
 # shipped ramps (~30 min on 2 cores; not part of `make test`).
 soak: prepare
 	@$(BIN)/python benchmarks/soak.py --requests 3000 $(ARGS)

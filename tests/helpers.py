@@ -59,11 +59,12 @@ def kernel_inputs(n, d, V, dtype, strided, seed=0):
 
 
 def tiny_llama(path, *, layers: int = 8, hidden: int = 128, vocab: int = 512, tie: bool = False,
-               seed: int = 0) -> str:
+               seed: int = 0, dtype: str = "float32") -> str:
     """A random Llama saved as a HF dir at `path`: 4 attention heads and 2 KV
     heads (TP = 2 divides them; hidden 128 gives vLLM's CPU attention a head
     size of 32), float32. A wide init (0.25) makes its distributions peaked,
-    so greedy outputs vary and top-1 means something."""
+    so greedy outputs vary and top-1 means something. `dtype`: what the
+    config declares and the weights are saved in."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,8 +72,8 @@ def tiny_llama(path, *, layers: int = 8, hidden: int = 128, vocab: int = 512, ti
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=tie, initializer_range=0.25,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
-    LlamaForCausalLM(cfg).save_pretrained(path)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=dtype)
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(path)
     return str(path)
 
 

@@ -31,20 +31,33 @@ def _gen(llm, prompts, extra=None):
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
+FRANCE = "What is the capital of France?"
+
+
+def _chat(llm, question):
+    from vllm import SamplingParams
+
+    out = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=16),
+                   use_tqdm=False)
+    return out[0].outputs[0].text
+
+
 @pytest.fixture(scope="module")
 def runs(model_dir):
     """Every output of the one compiled E3 engine of this module."""
     from vllm import LLM
     from vllm.config import CompilationMode
 
-    common = dict(dtype="float32", max_model_len=512, max_num_seqs=32, seed=0)
+    # no dtype=: the prepared model declares float32 (vllm-e3 prepare, patch 6)
+    common = dict(max_model_len=512, max_num_seqs=32, seed=0)
     # policy e3 parks whenever a later stage would run below 32 rows, so the
     # few prompts here park at every exit
     llm = LLM(model_dir, model_impl="e3", **common, additional_config={"e3": {
         "policy": "e3", "exits": EXITS, "park_when": "always", "test_overrides": True,
         "audit_rate": AUDIT}})
     out = {"mode": llm.llm_engine.vllm_config.compilation_config.mode,
-           "none_mode": CompilationMode.NONE}
+           "none_mode": CompilationMode.NONE, "dtype": llm.llm_engine.vllm_config.model_config.dtype,
+           "paris": _chat(llm, FRANCE)}
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
     cases = {"zero": overrides(policy="token", force_exit={8: 0.0, 15: 0.0, 22: 0.0}),
@@ -61,6 +74,8 @@ def runs(model_dir):
     free_engine(llm)
     vanilla = LLM(model_dir, **common)
     out["vanilla_mode"] = vanilla.llm_engine.vllm_config.compilation_config.mode
+    out["vanilla_dtype"] = vanilla.llm_engine.vllm_config.model_config.dtype
+    out["vanilla_paris"] = _chat(vanilla, FRANCE)
     out["vanilla"] = _gen(vanilla, PROMPTS)
     free_engine(vanilla)
     return out
@@ -83,6 +98,13 @@ def _check(runs, ref, case, **kw) -> list:
 def test_engine_is_compiled(runs):
     assert runs["mode"] != runs["none_mode"]
     assert runs["vanilla_mode"] == runs["mode"]
+
+
+def test_the_prepared_model_answers_without_flags(runs):
+    """No dtype= on either engine: the prepared model declares float32, which
+    vLLM 0.32 CPU would downcast to a compiled bf16 that answers wrong."""
+    assert runs["dtype"] == runs["vanilla_dtype"] == torch.float32
+    assert "Paris" in runs["paris"] and "Paris" in runs["vanilla_paris"], (runs["paris"], runs["vanilla_paris"])
 
 
 def _same_ids(runs, ref, case, other, **kw):

@@ -1,6 +1,6 @@
 """vLLM features with exits firing: each is either correct (a check here that
-fails if it is not) or refused at start-up with a message. The README's
-"vLLM features with exits" table cites these tests.
+fails if it is not) or refused at start-up with a message. The feature table
+in docs/serving.md cites these tests.
 
 One eager float32 engine serves the module (an engine start is ~25 s): policy
 `token`, identity ramps at 8/15/22 and a forced exit profile, so decode tokens
@@ -218,12 +218,17 @@ def test_lora_refused(model_dir):
         _args(model_dir, enable_lora=True).create_engine_config()
 
 
-def test_auto_dtype_is_float32_with_exits(model_dir):
+def test_auto_dtype_is_float32_with_exits(tmp_path):
     """--dtype auto with exits on CPU runs float32 (vLLM 0.32 CPU's compiled
-    bf16 is wrong); policy full keeps vLLM's default (the checkpoint's bf16)."""
-    args = _args(model_dir)
+    bf16 is wrong); policy full keeps vLLM's default. On a checkpoint whose
+    config says bfloat16 (a tiny one made here: the prepared model declares
+    float32, where both cases would read float32 and prove nothing)."""
+    from helpers import tiny_llama
+
+    d = tiny_llama(tmp_path / "bf16", layers=4, dtype="bfloat16")
+    args = _args(d, e3={"policy": "token", "exits": [2]})
     args.dtype = "auto"
     assert args.create_engine_config().model_config.dtype == torch.float32
-    args = _args(model_dir, e3={"policy": "full", "exits": list(EXITS)})
+    args = _args(d, e3={"policy": "full", "exits": [2]})
     args.dtype = "auto"
     assert args.create_engine_config().model_config.dtype == torch.bfloat16

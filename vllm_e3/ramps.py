@@ -190,6 +190,28 @@ def save_ramps(path: str, tensors: dict[str, torch.Tensor], *, exits, base_model
     os.replace(tmp, path)
 
 
+def rekey_ramps(path: str, old_hash: str, new_hash: str) -> bool:
+    """Point a ramps file trained for base model `old_hash` at `new_hash`:
+    the tensors and every other metadata field stay as they are. For a base
+    model whose served weights did not change (`vllm_e3.prepare.rekey`
+    checks that first). Returns False, writing nothing, if the file belongs
+    to neither hash; True if it now names `new_hash`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    meta, _ = read_ramps_header(path)
+    if meta.get("base_model_hash") == new_hash:
+        return True
+    if meta.get("base_model_hash") != old_hash:
+        return False
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={**meta, "base_model_hash": new_hash})
+    os.replace(tmp, path)
+    return True
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm in fp32, cast back to x's dtype (matches HF and vLLM)."""
     xf = x.float()
