@@ -28,7 +28,7 @@ setup(
     # vLLM is pinned exactly: the plugin subclasses vLLM's model, scheduler and
     # runner classes and wraps two private methods (patches/README.md), none of
     # which are a stable API across vLLM releases. The CPU build of 0.32.0 is
-    # the one verified (../shared/DESIGN.md); a GPU deployment installs the
+    # the one verified (docs/design.md); a GPU deployment installs the
     # `vllm==0.32.0` distribution instead and skips this requirement.
     install_requires=[],
     extras_require={

@@ -1,4 +1,4 @@
-"""Issue 14, item 2: a gate on richer features than the head input, measured by
+"""Exits that pay: a gate on richer features than the head input, measured by
 AUC on held-out rows (offline, no engine).
 
 Per decode row and exit e, with the shipped ramps:

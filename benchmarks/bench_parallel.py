@@ -1,5 +1,5 @@
 """E3 under vLLM's tensor or pipeline parallelism against vanilla vLLM at the
-same parallelism (issue 15).
+same parallelism.
 
 Engines in this process, built once each, timed in interleaved rounds, median
 of --runs; float32, vLLM's default compile mode; a closed batch of --batch

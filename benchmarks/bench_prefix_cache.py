@@ -1,4 +1,4 @@
-"""What isolation under prefix caching costs (issue 12): a two-turn chat
+"""What isolation under prefix caching costs (hardening): a two-turn chat
 workload where turn 2's prompt is turn 1's prompt + answer + a follow-up.
 
     .venv/bin/python benchmarks/bench_prefix_cache.py --conversations 32 --runs 3

@@ -1,5 +1,5 @@
 """The shipped default against vanilla vLLM, and what the exits it turned down
-would have done (issue 14).
+would have done (benchmarks/RESULTS.md, "Exits that pay, or none").
 
 Engines in this process, built once each, timed in interleaved rounds, median
 of --runs; SmolLM2-135M float32, vLLM's default compile mode on every side

@@ -1,5 +1,5 @@
-"""The collective an exit decision costs under tensor parallelism (issue 15,
-item 1): what vllm_e3.parallel does against the alternatives, on vLLM's own
+"""The collective an exit decision costs under tensor parallelism: what
+vllm_e3.parallel does against the alternatives, on vLLM's own
 TP group inside a TP = 2 engine (one core per rank).
 
 For a decision over n rows, with the LM head split by vocabulary:

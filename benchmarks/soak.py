@@ -1,4 +1,4 @@
-"""Soak (issue 12): thousands of mixed requests against a policy-e3 server in
+"""Soak (hardening): thousands of mixed requests against a policy-e3 server in
 E3's setting, with the shipped ramps; nothing may fail, be lost or leak.
 
     .venv/bin/python benchmarks/soak.py --requests 3000     # make soak

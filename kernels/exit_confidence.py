@@ -416,7 +416,7 @@ def exit_confidence_torch(
     move probabilities by a few percent at |logit| ~ 10 and can swap near-tied top-1
     candidates, as vLLM's own bf16 logits would. A caller may pass a cached fp32 head
     (hidden is cast to the head's dtype): exact, and on CPUs without native bf16
-    (AVX2) faster too; see benchmarks/RESULTS_kernels.md.
+    (AVX2) faster too; see benchmarks/RESULTS.md, "Kernels".
 
     With `index`, the logits come from the gathered rows weight[index] [K, d]. That is
     a per-call copy of K rows, but not of the head: the gather reads K rows and writes

@@ -137,7 +137,7 @@ def _prepare_frontend(e3cfg, vllm_config) -> None:
     prepare_frontend(names if isinstance(names, str) else (names or [mc.model])[0])
 
 
-# ---- start-up refusals and defaults (issue 13, items 5-7) -----------------------------
+# ---- start-up refusals and defaults ----------------------------------------------------
 # The only vLLM release vllm-e3 was built and tested against: the patches wrap
 # private methods and the runner/scheduler subclasses override internals, none
 # of which vLLM keeps stable across releases.

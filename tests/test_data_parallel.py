@@ -4,10 +4,11 @@ counters by engine, as vLLM labels its own; `GET /v1/e3/requests/{id}`
 finds a request whatever engine served it; `/v1/e3/stats` adds the engines.
 
 vLLM defaults `--api-server-count` to the DP size, so this server runs two
-API servers, and `/metrics` comes from vLLM's multiprocess registry (the
-case patch 6 is for). The deployment is test_serving.py's planted one: exits
-8/15/22 that never fire by default, and a calibration table whose 0.9 row
-sends every decode token out at 15.
+API servers, and `/metrics` comes from vLLM's multiprocess registry: the
+workers write multiprocess Prometheus counters there (vllm_e3.metrics,
+MultiprocessCounters; no patch). The deployment is test_serving.py's
+planted one: exits 8/15/22 that never fire by default, and a calibration
+table whose 0.9 row sends every decode token out at 15.
 """
 import re
 import time

@@ -1,4 +1,4 @@
-"""Hardening (issue 12): no test hook reachable from the network, request
+"""Hardening: no test hook reachable from the network, request
 isolation under prefix caching, prompt positions never exit, fuzzed request
 knobs, and the files a deployment trusts.
 

@@ -1,4 +1,4 @@
-"""E3's multi-device layout by simulation (`vllm_e3/layout.py`, issue 15 item 4):
+"""E3's multi-device layout by simulation (`vllm_e3/layout.py`):
 layouts and throughputs hand-computed on synthetic cost curves, the latency
 bound and hop costs changing the choice, N = 1 reducing to the single-device
 plan, and the `vllm-e3 layout` command. No engines."""

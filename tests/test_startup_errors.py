@@ -100,7 +100,7 @@ def test_unsupported_architecture(model_copy):
     assert "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
 
 
-# ---- platform and vLLM version (issue 13, items 5 and 7) ------------------------------------------
+# ---- platform and vLLM version ---------------------------------------------------------------------
 def _engine_args(model, **e3):
     import vllm_e3
     from vllm.engine.arg_utils import EngineArgs

@@ -1,4 +1,4 @@
-"""The worker gives its freed heap back (vllm_e3.worker.HeapTrim; issue 12 soak)."""
+"""The worker gives its freed heap back (vllm_e3.worker.HeapTrim; found by the soak)."""
 import torch
 from vllm_e3.worker import HeapTrim
 

@@ -5,6 +5,11 @@ every process (front end, engine core, workers, model-inspection
 subprocesses); it is idempotent and lazy: it registers the E3 model classes by
 "module:Class" strings and applies the patches in `vllm_e3.patches`, importing
 neither torch-heavy model code nor the kernels.
+
+`kernels/`, `patches/` and `artifacts/` sit at the repository top and are
+installed as `vllm_e3.kernels`, `vllm_e3.patches` and `vllm_e3.artifacts`
+(setup.py `package_dir`); the project imports them only by those names.
+The design: docs/design.md.
 """
 __version__ = "0.1.0"
 

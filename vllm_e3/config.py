@@ -7,7 +7,7 @@ key. A model directory without `e3/` runs policy `full`. Unknown keys, bad
 values and exit points that do not fit the model are errors that name the
 problem (raised before an engine starts: see patches/patch_arg_utils.py).
 
-Glossary (../shared/DESIGN.md): an exit point `e` reads the state after decoder
+Glossary (docs/design.md): an exit point `e` reads the state after decoder
 layer `e-1`; a stage is the layers between two consecutive exit points; a token
 exits at the first exit whose confidence >= that exit's threshold, and a
 threshold of `None` never fires.

@@ -1,6 +1,6 @@
 """The early-exit step inside one vLLM forward: rows, decisions, attention
 slices and KV fill. Knows vLLM's forward context and attention layers; never
-the scheduler, the CLI or training (../shared/DESIGN.md, "Which part may know
+the scheduler, the CLI or training (docs/design.md, "Which part may know
 which").
 
 Glossary

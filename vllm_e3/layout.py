@@ -30,8 +30,8 @@ The model (closed-loop decode, lockstep rounds):
   D batches in flight the same way (`max_concurrent_batches` = PP size).
 - Early return (E3's design, `early_return=True`): a token finishes in the
   stage where it exits, whose device runs the head for it: V_s = S_s, the
-  fraction still running at the start of stage s. Without it (vLLM PP with
-  issue 15's item 2: the last rank makes logits for every row) every token
+  fraction still running at the start of stage s. Without it (vLLM PP as E3
+  runs on it today: the last rank makes logits for every row) every token
   visits all D stages, V_s = 1, and the head runs on the last stage for all.
 - Regrouping: the survivors of all r_(s-1) replicas are spread evenly over the
   r_s replicas of stage s, so a replica computes n0 * S(l) / r_s rows at layer
@@ -44,7 +44,7 @@ The model (closed-loop decode, lockstep rounds):
   + KV fill (rows that left earlier, for each layer of the stage)
   + the LM head for the rows that finish in the stage.
   Exited rows' pre-ramp state keeps travelling to later stages: the KV fill of
-  a layer runs on the device that holds it (issue 15's PP design). So exits
+  a layer runs on the device that holds it (as under vLLM PP). So exits
   save compute, never transfer.
 - hop_s = hop_latency + hop_cost * n0 / r_s for every stage but the last (rows
   sent by one replica; no overlap of compute and transfer, conservative), and
