@@ -1,4 +1,4 @@
-"""Serving (issue 7): per-request knobs through `vllm_xargs`, exit metrics on
+"""Serving: per-request knobs through `vllm_xargs`, exit metrics on
 /metrics and per-response statistics, and reliability under load, client
 disconnects and bad input.
 
@@ -10,7 +10,7 @@ difference):
 - server `load`: the shipped weights under policy e3 with the synthetic
   "middle" profile (30% of decode tokens leave at 8, 25% at 15, 20% at 22),
   32 requests admitted at a time and 64 runner slots (parked requests wait
-  in the other 32);
+  in the other 32), and the online audit on a quarter of the exited tokens;
 - `offline`: `LLM(...)` on the planted deployment, where the test-only
   per-request overrides give the forced exits and the full model (exits off)
   to compare the servers with.
@@ -61,7 +61,8 @@ def knobs_server(planted, tmp_path_factory):
 @pytest.fixture(scope="module")
 def load_server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("load") / "server.log"
-    e3 = {"e3": {"policy": "e3", "exits": [8, 15, 22], "force_exit": MIDDLE, "target_batch": 32}}
+    # the audit (a quarter of exited tokens) never changes outputs: the KV fill overwrites what it wrote
+    e3 = {"e3": {"policy": "e3", "exits": [8, 15, 22], "force_exit": MIDDLE, "target_batch": 32, "audit_rate": 0.25}}
     # E3's setting: 64 clients, 32 admitted at a time, 32 more slots for parked requests
     args = ["--model-impl", "e3", *COMMON, "--max-num-seqs", "64", "--max-num-active-seqs", "32",
             "--additional-config", json.dumps(e3)]
@@ -280,3 +281,32 @@ def test_disconnects_and_aborts_leave_nothing_stuck(load_server):
             break
         assert time.time() < deadline, engine
         time.sleep(0.5)
+
+
+# ---- the Grafana dashboard ---------------------------------------------------------------------
+def test_dashboard_series_are_on_metrics(load_server):
+    """Every `vllm_e3:` series the Grafana dashboard queries
+    (dashboards/vllm-e3-grafana.json; tests/test_dashboard.py checks its names
+    without a server) is on the live /metrics, labelled by engine and model:
+    78 requests on 32 admitted slots exit at 8/15/22, park to regroup, and the
+    audit checks a quarter of the exited tokens."""
+    from test_dashboard import dashboard_metric_names
+
+    from vllm_e3.metrics import FAMILIES, PERIOD_S
+
+    url, _ = load_server
+    names = dashboard_metric_names()
+    assert {f"vllm_e3:{name}_total" for name, *_ in FAMILIES} <= names, names
+    deadline = time.time() + 240
+    missing = sorted(names)
+    while missing:
+        assert time.time() < deadline, missing
+        outs = asyncio.run(_stream_all(url, LOAD_PROMPTS + LOAD_PROMPTS[:28], 64))
+        assert [o for o in outs if isinstance(o, Exception)] == []
+        for _ in range(12):          # the worker publishes every PERIOD_S; the collector reads at each scrape
+            time.sleep(PERIOD_S)
+            _, text = get(f"{root(url)}/metrics")
+            missing = [n for n in sorted(names) if not re.search(
+                rf'^{re.escape(n)}\{{(?=[^}}]*engine="\d+")(?=[^}}]*model_name="m")[^}}]*\}} \S+$', text, re.M)]
+            if not missing:
+                break
