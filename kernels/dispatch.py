@@ -1,6 +1,7 @@
 """One switch between the Triton kernels and their torch paths.
 
-`VLLM_E3_KERNELS` (read only in `kernel_backend()`):
+`VLLM_E3_KERNELS`, read once, when this module is imported (`set_backend`
+changes the choice in a running process, for tests and benchmarks):
   auto    (default) Triton for CUDA tensors when Triton imports, torch otherwise
   torch   always the torch path
   triton  always Triton; CPU tensors then run through Triton's interpreter (exact,
@@ -25,12 +26,26 @@ from .exit_confidence import (
 BACKENDS = ("auto", "torch", "triton")
 
 
-def kernel_backend() -> str:
-    """The kernel backend asked for by `VLLM_E3_KERNELS` (the only place it is read)."""
-    value = os.environ.get("VLLM_E3_KERNELS", "auto").strip().lower() or "auto"
+def parse_backend(value: str) -> str:
+    value = value.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"VLLM_E3_KERNELS={value!r}; expected one of {BACKENDS}")
     return value
+
+
+_backend = parse_backend(os.environ.get("VLLM_E3_KERNELS", "auto"))   # the one read
+
+
+def kernel_backend() -> str:
+    """The kernel backend in use (`VLLM_E3_KERNELS` at import, or `set_backend`)."""
+    return _backend
+
+
+def set_backend(value: str) -> str:
+    """Switch the backend; returns the previous one."""
+    global _backend
+    prev, _backend = _backend, parse_backend(value)
+    return prev
 
 
 def use_triton(device: torch.device) -> bool:

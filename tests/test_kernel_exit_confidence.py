@@ -255,23 +255,37 @@ def test_dispatcher_switch(monkeypatch):
         dispatch.compact(keep, x, x, pos)
         return list(calls)
 
-    monkeypatch.delenv("VLLM_E3_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "_backend", dispatch.parse_backend(""))
     assert kernel_backend() == "auto"
     assert run_all() == ["exit_confidence_torch", "gate_confidence_ref", "compact_ref"]  # CPU
-    monkeypatch.setenv("VLLM_E3_KERNELS", "torch")
+    dispatch.set_backend("torch")
     assert run_all() == ["exit_confidence_torch", "gate_confidence_ref", "compact_ref"]
-    monkeypatch.setenv("VLLM_E3_KERNELS", "Triton")
+    dispatch.set_backend("Triton")
     assert kernel_backend() == "triton"
     assert run_all() == ["exit_confidence_triton", "gate_confidence_triton", "compact_triton"]
-    monkeypatch.setenv("VLLM_E3_KERNELS", "cuda")
     with pytest.raises(ValueError, match="VLLM_E3_KERNELS"):
-        exit_confidence(x, w, t)
+        dispatch.set_backend("cuda")
+    assert kernel_backend() == "triton"                 # a bad value changes nothing
+
+
+def test_the_backend_is_read_once_at_import():
+    import subprocess
+    import sys
+
+    code = ("import os; from vllm_e3.kernels import dispatch; os.environ['VLLM_E3_KERNELS'] = 'triton'; "
+            "print(dispatch.kernel_backend())")
+    env = {**os.environ, "VLLM_E3_KERNELS": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "torch"
+    env["VLLM_E3_KERNELS"] = "cuda"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "VLLM_E3_KERNELS='cuda'" in bad.stderr
 
 
 def test_dispatcher_triton_on_cpu_runs_the_kernel(monkeypatch):
     hidden, weight, g = kernel_inputs(7, 64, 1000, torch.float32, strided=False)
     threshold = torch.rand(7, generator=g) * 0.2
-    monkeypatch.setenv("VLLM_E3_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "_backend", "triton")
     got = exit_confidence(hidden, weight, threshold, "margin")
     ref = exit_confidence_ref(hidden, weight, threshold, "margin")
     _assert_matches(got, ref, _ref_logits(hidden, weight), threshold, ATOL[torch.float32])

@@ -210,7 +210,9 @@ def test_dispatcher_passes_the_index(monkeypatch, backend):
     hidden, weight, g = kernel_inputs(7, 64, 1000, torch.float32, strided=False)
     index = _index(1000, 37, "unsorted", torch.int32, g)
     threshold = torch.rand(7, generator=g)
-    monkeypatch.setenv("VLLM_E3_KERNELS", backend)
+    from vllm_e3.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_backend", dispatch.parse_backend(backend))
     got = exit_confidence(hidden, weight, threshold, "margin", index=index)
     ref = exit_confidence_ref(hidden, weight, threshold, "margin", index=index)
     _assert_matches(got, ref, hidden, weight, index, threshold, ATOL[torch.float32])

@@ -183,7 +183,7 @@ def test_vanilla_engine_args_are_untouched(model_dir):
     """Nothing of vllm-e3 reaches an engine without --model-impl e3."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_e3.metrics import STATS_ENV
+    from vllm_e3.envs import STATS_DIR as STATS_ENV
 
     before = os.environ.get(STATS_ENV)
     cfg = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True).create_engine_config()

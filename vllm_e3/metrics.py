@@ -44,9 +44,8 @@ import time
 
 logger = logging.getLogger("vllm.e3")
 
-STATS_ENV = "VLLM_E3_STATS_DIR"
-MODEL_ENV = "VLLM_E3_MODEL_NAME"
-OWNER_ENV = "VLLM_E3_STATS_OWNER"         # the pid that made the directory
+from . import envs
+
 PERIOD_S = 0.25
 PREFIX = "vllm_e3:"
 
@@ -149,11 +148,10 @@ class StatsPublisher:
 
 def start_publisher(runtime, rank: dict[str, int]) -> StatsPublisher | None:
     """A publisher for this worker (TP rank 0 only; `rank` from E3CPUWorker.e3_rank)."""
-    d = os.environ.get(STATS_ENV)
+    d, model_name, _ = envs.stats_channel()
     if not d or runtime is None or rank["tp"] != 0 or not os.path.isdir(d):
         return None
-    prom = (MultiprocessCounters(os.environ.get(MODEL_ENV, ""), rank["dp"])
-            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None)
+    prom = MultiprocessCounters(model_name, rank["dp"]) if envs.prometheus_multiproc() else None
     return StatsPublisher(runtime, os.path.join(d, f"exit_stats.dp{rank['dp']}.pp{rank['pp']}.json"), rank,
                           prom)
 
@@ -238,15 +236,13 @@ def prepare_frontend(model_name: str) -> str:
     (in the environment its processes inherit) and the collector pointed at
     it. Returns the directory."""
     global _collector
-    d = os.environ.get(STATS_ENV)
-    if not (d and os.environ.get(OWNER_ENV) != str(os.getpid()) and os.path.isdir(d)):
+    d, _, owner = envs.stats_channel()
+    if not (d and owner != str(os.getpid()) and os.path.isdir(d)):
         # a fresh directory, unless this process is a child of the front end
         # that made one (an API server of several builds its config again)
         d = tempfile.mkdtemp(prefix="vllm-e3-stats-")
         atexit.register(shutil.rmtree, d, True)
-        os.environ[STATS_ENV] = d
-        os.environ[OWNER_ENV] = str(os.getpid())
-        os.environ[MODEL_ENV] = model_name
+        envs.set_stats_channel(d, model_name)
     with _lock:
         if _collector is None:
             from prometheus_client import REGISTRY

@@ -55,7 +55,9 @@ def _log(msg: str) -> None:
 
 
 def e3_home() -> str:
-    return os.path.expanduser(os.environ.get("VLLM_E3_HOME", "~/.cache/vllm-e3"))
+    from .envs import home
+
+    return home()
 
 
 def default_model_dir() -> str:
