@@ -8,7 +8,7 @@ import pytest
 
 from vllm_e3.cli import _handler, build_parser
 
-SUBCOMMANDS = ("prepare", "plan", "profile", "layout", "train", "calibrate")
+SUBCOMMANDS = ("prepare", "rekey", "plan", "profile", "layout", "train", "calibrate", "tune")
 
 
 def test_every_subcommand_is_declared_and_its_handler_imports():

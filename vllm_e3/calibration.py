@@ -180,6 +180,23 @@ def _choice(d: dict, exits: tuple[int, ...]) -> Choice:
                   {e: float(f) for e, f in zip(exits, frac)})
 
 
+def row_summary(r: dict) -> dict:
+    """A table row as the reports show it (`vllm-e3 calibrate`'s report.json,
+    `vllm-e3 tune`'s summary): the chosen measure, the exits that fire and
+    their thresholds, the verified agreement and its 95% bound, and the
+    fraction of layers skipped; a `full` row with its reason."""
+    b = r["chosen"]
+    if b is None:
+        return {"target": r["target_agreement"], "policy": "full", "reason": r.get("reason")}
+    v = b["verify"]
+    return {"target": r["target_agreement"], "policy": r["policy"], "measure": b["measure"],
+            "engine_net_cost": b.get("engine_net_cost"),
+            "exits": b["exits_kept"], "thresholds": [t for t in b["thresholds"] if t is not None],
+            "agreement": v["agreement"], "cp_upper_95": v["cp_upper_95"],
+            "exit_fraction": [f for f, t in zip(v["exit_fraction"], b["thresholds"]) if t is not None],
+            "layers_skipped": v["expected_layers_skipped_fraction"], "net_cost": v["expected_net_cost"]}
+
+
 def save(path: str, raw: dict) -> Calibration:
     """Write `raw` (as calibrate makes it) to `path` atomically, after reading
     it back as a Calibration, so a file the serving path cannot read is never

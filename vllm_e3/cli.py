@@ -1,4 +1,4 @@
-"""The `vllm-e3` command: prepare, train, calibrate, profile, plan, layout.
+"""The `vllm-e3` command: prepare, train, calibrate, profile, plan, tune, layout.
 
 Every subcommand's arguments are declared here; each runs a handler named
 "module:function" (`handler`), imported only when that subcommand runs, so
@@ -48,6 +48,32 @@ def _prepare(args) -> int:
     return 0
 
 
+def _rekey(args) -> int:
+    from .config import E3ConfigError
+    from .prepare import rekey
+
+    try:
+        for path in rekey(args.e3_dir, args.old, args.new):
+            print(f"re-keyed {path}")
+    except E3ConfigError as exc:
+        print(f"vllm-e3 rekey: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rekey_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "rekey", help="point e3 files at a base model whose served weights did not change",
+        description="Check that OLD and NEW serve the same float32 weights (every tensor equal once cast "
+                    "to float32, config.json equal but for its dtype), then re-key E3_DIR's ramps and "
+                    "reports from OLD's base-model hash to NEW's.")
+    p.add_argument("e3_dir", help="folder with ramps.safetensors (and calibration.json, ...)")
+    p.add_argument("--old", required=True, help="the model folder the files were made for")
+    p.add_argument("--new", required=True, help="the model folder to re-key them to")
+    p.set_defaults(handler=_rekey)
+    return p
+
+
 def _prepare_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prepare", help="materialise the embedded default model; prints its directory")
     p.add_argument("--dir", default=None, help="target directory (default $VLLM_E3_HOME/SmolLM2-135M-Instruct)")
@@ -61,11 +87,19 @@ def _prepare_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _tool_args(p: argparse.ArgumentParser, out_help: str, dtype_help: str) -> None:
     """The arguments train and calibrate share."""
     p.add_argument("--out", default=None, help=out_help)
-    p.add_argument("--engine-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--engine-dtype", default="float32", choices=DTYPES,
                    help=dtype_help + " (default %(default)s)")
+    _run_args(p)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """How the offline tools run: cache, threads, progress bars."""
     p.add_argument("--cache-dir", default=None, help="corpus/state cache (default $VLLM_E3_HOME/cache)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default %(default)s: on a shared 2-core machine one thread "
@@ -73,12 +107,9 @@ def _tool_args(p: argparse.ArgumentParser, out_help: str, dtype_help: str) -> No
     p.add_argument("--no-progress", action="store_true")
 
 
-def _train_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train", help="train ramps (exit heads) for a model by self-distillation",
-        description="Train per-exit ramps by self-distillation on the model's own greedy outputs; "
-                    "writes <out>/ramps.safetensors.")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+def _recipe_args(p: argparse.ArgumentParser, batch_flag: str = "--batch") -> None:
+    """train's recipe (tune passes it through; its own --batch is the engine's, so train's
+    rows per step are --train-batch there)."""
     p.add_argument("--exits", type=parse_exits, default=[],
                    help="candidate exit points, comma-separated (default: 53/67/80/90%% of the depth, "
                         "16,20,24,27 on 30 layers)")
@@ -91,19 +122,47 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="JSONL of {\"prompt\": ...} lines (default: the built-in set's train split)")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
     p.add_argument("--mse-steps", type=int, default=600,
                    help="phase-1 steps per exit, centred-logit regression (default %(default)s)")
     p.add_argument("--steps", type=int, default=60,
                    help="phase-2 steps per exit, full-vocabulary KL (default %(default)s)")
-    p.add_argument("--batch", type=int, default=128, help="rows per step (default %(default)s)")
+    p.add_argument(batch_flag, type=int, default=128, help="training rows per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate, both phases (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _max_tokens(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
+
+
+def _train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="train ramps (exit heads) for a model by self-distillation",
+        description="Train per-exit ramps by self-distillation on the model's own greedy outputs; "
+                    "writes <out>/ramps.safetensors.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    _recipe_args(p)
+    _max_tokens(p)
     _tool_args(p, "the e3 folder to write (default MODEL_DIR/e3)",
                "dtype of the vLLM engine that generates the corpus: the deployment whose outputs are "
                "the reference")
     p.set_defaults(handler="vllm_e3.tools.train:run")
     return p
+
+
+def _heldout_args(p: argparse.ArgumentParser) -> None:
+    """calibrate's held-out data, target and costs (tune passes them through)."""
+    p.add_argument("--target-agreement", type=float, default=0.99,
+                   help="token agreement with the full model for config.json (default %(default)s)")
+    p.add_argument("--humaneval", type=int, default=100, help="HumanEval problems 0..N-1 (default %(default)s)")
+    p.add_argument("--no-builtin-heldout", action="store_true",
+                   help="leave out the built-in prompt set's held-out split")
+    p.add_argument("--max-heldout", type=int, default=0,
+                   help="use only the first N prompts of the built-in held-out split (0: all)")
+    p.add_argument("--free-prompts", type=int, default=8,
+                   help="prompts for the free-running comparison; 0 skips it (default %(default)s)")
+    p.add_argument("--free-tokens", type=int, default=64)
+    p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
 
 
 def _calibrate_parser(subparsers) -> argparse.ArgumentParser:
@@ -112,19 +171,19 @@ def _calibrate_parser(subparsers) -> argparse.ArgumentParser:
         description="Calibrate trained ramps on held-out prompts; writes <out>/calibration.json, "
                     "config.json, report.json and report.png.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--target-agreement", type=float, default=0.99,
-                   help="token agreement with the full model for config.json (default %(default)s)")
-    p.add_argument("--humaneval", type=int, default=100, help="HumanEval problems 0..N-1 (default %(default)s)")
-    p.add_argument("--no-builtin-heldout", action="store_true",
-                   help="leave out the built-in prompt set's held-out split")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default %(default)s)")
-    p.add_argument("--free-prompts", type=int, default=8,
-                   help="prompts for the free-running comparison; 0 skips it (default %(default)s)")
-    p.add_argument("--free-tokens", type=int, default=64)
-    p.add_argument("--cost-rows", type=int, default=64, help="decode rows when timing costs (default %(default)s)")
+    _heldout_args(p)
+    _max_tokens(p)
+    p.add_argument("--train-prompts", default=None,
+                   help="the training prompts, JSONL as train's --prompts: the tokens the model served "
+                        "on them make the shortlist (default: the built-in set's train split; give "
+                        "train's --prompts and --max-prompts to reuse its cached corpus)")
+    p.add_argument("--max-train-prompts", type=int, default=0,
+                   help="use only the first N training prompts (0: all)")
     p.add_argument("--engine-costs", default=None,
                    help="the serving engine's costs (`vllm-e3 profile`); default: engine_costs.json in "
                         "--out or MODEL_DIR/e3 if there")
+    p.add_argument("--no-engine-costs", action="store_true",
+                   help="judge by the per-row cost model alone, even where engine costs are found")
     p.add_argument("--min-gain", type=float, default=MIN_GAIN,
                    help="with engine costs, exits are deployed only if modelled at most 1 - this of "
                         "full's time on every workload (default %(default)s)")
@@ -168,15 +227,42 @@ def _profile_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("profile", help="measure this engine's stage and step costs "
                                               "(e3/engine_costs.json) for the planner's simulation")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--batch", type=int, default=64, help="the engine's --max-num-seqs")
-    p.add_argument("--requests", type=int, default=None, help="default 3 x --batch")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=128)
+    _workload_args(p)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="profile the eager engine (plan for an engine served with --enforce-eager)")
     p.add_argument("--out", default=None, help="default MODEL_DIR/e3/engine_costs.json")
     p.set_defaults(handler="vllm_e3.profile:main")
+    return p
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    """The engine profile measures (tune plans for the same)."""
+    p.add_argument("--batch", type=int, default=64, help="the engine's --max-num-seqs (default %(default)s)")
+    p.add_argument("--requests", type=int, default=None, help="requests of the workload (default 3 x --batch)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="profile the eager engine (plan for an engine served with --enforce-eager)")
+
+
+def _tune_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="train, calibrate, profile and plan for a model, in one resumable run",
+        description="Run train, calibrate, profile and plan for MODEL_DIR (vllm_e3/tools/tune.py); "
+                    "a rerun skips the steps that are done and redoes those whose inputs changed. "
+                    "Ends with a summary (also <out>/tune_summary.json) and the `vllm serve` line.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--out", default=None,
+                   help="the e3 folder to write (default MODEL_DIR/e3); elsewhere, a folder named e3 "
+                        "whose parent becomes a view of MODEL_DIR (symlinks) to serve")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the engine's dtype: corpus, profile and serving (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="redo every step")
+    _recipe_args(p, batch_flag="--train-batch")
+    _max_tokens(p)
+    _heldout_args(p)
+    _workload_args(p)
+    _run_args(p)
+    p.set_defaults(handler="vllm_e3.tools.tune:run")
     return p
 
 
@@ -213,8 +299,8 @@ def _layout_parser(subparsers) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-e3", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_prepare_parser, _plan_parser, _profile_parser, _layout_parser, _train_parser,
-                _calibrate_parser):
+    for add in (_prepare_parser, _rekey_parser, _plan_parser, _profile_parser, _layout_parser, _train_parser,
+                _calibrate_parser, _tune_parser):
         add(sub)
     return parser
 

@@ -341,6 +341,7 @@ def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | 
         batch=B, slots=sl, target=target, max_park=max_park, park_when=park_when, **workload)
     full = run("full", [], sl=B)
     best = {"policy": "full", "exits": [], "target_batch": [], "sim": full}
+    alt = None          # the fastest option with exits, even where full beats it: what exits would give
     taken = sorted(e for e in allowed_exits if fractions.get(e, 0.0) > 0)
     targets = [b for b in (8, 16, 32, 64, 128, 256) if b <= B]
     for k in range(1, len(taken) + 1):
@@ -353,19 +354,23 @@ def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | 
                 if (policy == "e3" and max_tpot_ratio is not None
                         and sim["tpot_p50"] > max_tpot_ratio * token["tpot_p50"]):
                     continue
+                if alt is None or sim["tok_s"] > alt["sim"]["tok_s"]:
+                    alt = {"policy": policy, "exits": list(subset), "target_batch": t, "sim": sim}
                 if sim["tok_s"] > best["sim"]["tok_s"]:
                     best = {"policy": policy, "exits": list(subset), "target_batch": t, "sim": sim,
                             "token_sim": token}
     best["relative_cost"] = full["tok_s"] / best["sim"]["tok_s"]
     best["full_sim"] = full
+    if alt is not None:
+        best["best_with_exits"] = {k: alt[k] for k in ("policy", "exits", "target_batch")}
+        best["best_with_exits"]["relative_cost"] = full["tok_s"] / alt["sim"]["tok_s"]
     if best["policy"] == "e3":
         best["tpot_vs_token"] = best["sim"]["tpot_p50"] / best["token_sim"]["tpot_p50"]
     return best
 
 
 def main(args) -> int:
-    from .config import CONFIG_FILENAME, e3_dir, load_e3_config
-    from .files import write_json
+    from .config import load_e3_config
 
     model_dir = args.model_dir
     cfg = load_e3_config(model_dir)
@@ -381,6 +386,20 @@ def main(args) -> int:
             return 2
     if not exits:
         exits = sorted(fractions)
+    result = choose(args, cfg, exits, fractions)
+    if args.write:
+        print(f"wrote {write_plan(model_dir, cfg, result)}")
+    return 0
+
+
+def choose(args, cfg, exits, fractions: dict[int, float]) -> dict:
+    """`vllm-e3 plan`'s choice for `args` (its arguments) among `exits` with
+    exit `fractions`, printed: by simulating the engine with its measured
+    costs where `vllm-e3 profile` wrote them, else by the closed form on
+    costs timed here. The result of `plan_simulated` or `plan`."""
+    from .config import e3_dir
+
+    model_dir = args.model_dir
     can_park = e3_can_park(args.batch, args.slots, cfg.park_when)
     policies = ("token", "e3") if can_park else ("token",)
     max_tpot = args.max_tpot_ratio if args.max_tpot_ratio is not None else cfg.max_tpot_ratio
@@ -396,6 +415,10 @@ def main(args) -> int:
         print(f"plan: policy {result['policy']}, exits {result['exits']}, target batch "
               f"{result['target_batch']}, simulated {result['sim']['tok_s']:.1f} tok/s against "
               f"full's {result['full_sim']['tok_s']:.1f} (cost {result['relative_cost']:.3f} of full)")
+        alt = result.get("best_with_exits")
+        if result["policy"] == "full" and alt:
+            print(f"plan: the fastest with exits, {alt['policy']} at exits {alt['exits']}, models at "
+                  f"{alt['relative_cost']:.3f} of full")
     else:
         import torch
 
@@ -419,21 +442,29 @@ def main(args) -> int:
               + (f" (bound {max_tpot:.2f}x)" if max_tpot is not None else ""))
     if result["policy"] == "e3" and (args.slots or args.batch) > args.batch:
         print(f"serve it with --max-num-seqs {args.slots} --max-num-active-seqs {args.batch}")
-    if args.write:
-        path = os.path.join(e3_dir(model_dir), CONFIG_FILENAME)
-        raw = json.load(open(path)) if os.path.isfile(path) else {}
-        keep = [i for i, e in enumerate(cfg.exits) if e in result["exits"]]
-        raw.update({"policy": result["policy"], "exits": result["exits"],
-                    "target_batch": result["target_batch"]})
-        if result["policy"] != "e3":
-            raw.pop("target_batch")
-        if cfg.exits and len(cfg.thresholds) == len(cfg.exits):
-            raw["thresholds"] = [cfg.thresholds[i] for i in keep]
-        raw.pop("force_exit", None) if not set(raw.get("force_exit", {})) <= set(map(str, result["exits"])) else None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json(path, raw, indent=1)
-        print(f"wrote {path}")
-    return 0
+    return result
+
+
+def write_plan(model_dir: str, cfg, result: dict) -> str:
+    """The plan `result` (`choose`) put into e3/config.json over `cfg`, the E3
+    config it was made from: its policy, exits and target batch, the kept
+    exits' thresholds; returns the path."""
+    from .config import CONFIG_FILENAME, e3_dir
+    from .files import write_json
+
+    path = os.path.join(e3_dir(model_dir), CONFIG_FILENAME)
+    raw = json.load(open(path)) if os.path.isfile(path) else {}
+    keep = [i for i, e in enumerate(cfg.exits) if e in result["exits"]]
+    raw.update({"policy": result["policy"], "exits": result["exits"],
+                "target_batch": result["target_batch"]})
+    if result["policy"] != "e3":
+        raw.pop("target_batch")
+    if cfg.exits and len(cfg.thresholds) == len(cfg.exits):
+        raw["thresholds"] = [cfg.thresholds[i] for i in keep]
+    raw.pop("force_exit", None) if not set(raw.get("force_exit", {})) <= set(map(str, result["exits"])) else None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, raw, indent=1)
+    return path
 
 
 def e3_can_park(batch: int, slots: int | None, park_when: str) -> bool:

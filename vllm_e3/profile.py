@@ -25,6 +25,7 @@ for; recording costs two `perf_counter` calls per timed piece.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections import deque
 
@@ -173,14 +174,10 @@ def main(args) -> int:
     deploys), compiled unless --enforce-eager: a workload of --requests
     requests at --batch, then closed batches of --batch/2, --batch/4, ... so
     that the layer cost is measured at the row counts later stages run at."""
-    import os
     import sys
 
-    from .config import E3ConfigError, e3_dir, load_e3_config
-    from .files import write_json
-    from .planner import ENGINE_COSTS_FILENAME
+    from .config import E3ConfigError, load_e3_config
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
         cfg = load_e3_config(args.model_dir)
     except E3ConfigError as exc:
@@ -190,6 +187,27 @@ def main(args) -> int:
         print("vllm-e3 profile: the E3 config has no exits: nothing to profile (policy full "
               "runs vanilla's graph)", file=sys.stderr)
         return 2
+    costs, path = measure(args, cfg)
+    lay = costs["layer"]
+    print("layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
+                                             if m & (m - 1) == 0))
+    print(f"exit boundary {1e3 * costs['exit_s']:.2f} ms, head {1e3 * costs['head_s']:.3f} ms/row, "
+          f"rest of a step {1e3 * costs['step_s']:.1f} ms + {1e3 * costs['row_s']:.2f} ms/request")
+    print(f"wrote {path}")
+    return 0
+
+
+def measure(args, cfg) -> tuple[dict, str]:
+    """The engine costs `main` measures for `args` (`vllm-e3 profile`'s
+    arguments) under E3 config `cfg` (with exits), written to args.out
+    (default MODEL_DIR/e3/engine_costs.json); returns them and the path."""
+    import os
+
+    from .config import e3_dir
+    from .files import write_json
+    from .planner import ENGINE_COSTS_FILENAME
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -203,15 +221,24 @@ def main(args) -> int:
     prompts = lambda n, seed: [TokensPrompt(prompt_token_ids=p) for p in torch.randint(
         100, vocab, (n, args.prompt_len), generator=g.manual_seed(seed)).tolist()]
     sp = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    llm.generate(prompts(4, 1), sp(8), use_tqdm=False)               # first-step costs out
-    llm.collective_rpc("e3_profile", args=(True,))
-    llm.generate(prompts(args.requests or 3 * args.batch, 2), sp(args.output_len), use_tqdm=False)
-    b = args.batch // 2
-    while b >= 1:
-        llm.generate(prompts(b, 3 + b), sp(32), use_tqdm=False)
-        b //= 2
-    steps = llm.collective_rpc("e3_profile_steps")[0]
-    costs = fit_costs(steps, llm.model_config.get_total_num_hidden_layers())
+    try:
+        llm.generate(prompts(4, 1), sp(8), use_tqdm=False)               # first-step costs out
+        llm.collective_rpc("e3_profile", args=(True,))
+        # the workload is most of the time: its bar shows the time left
+        llm.generate(prompts(args.requests or 3 * args.batch, 2), sp(args.output_len), use_tqdm=True)
+        b = args.batch // 2
+        while b >= 1:
+            llm.generate(prompts(b, 3 + b), sp(32), use_tqdm=False)
+            b //= 2
+        steps = llm.collective_rpc("e3_profile_steps")[0]
+        num_layers = llm.model_config.get_total_num_hidden_layers()
+    finally:
+        # `vllm-e3 tune` goes on in this process: the engine's memory and cores are the next step's
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    costs = fit_costs(steps, num_layers)
     costs.update({"dtype": args.dtype, "compiled": not args.enforce_eager, "batch": args.batch,
                   "exits": list(cfg.exits), "confidence": cfg.confidence,
                   "workload": {"requests": args.requests or 3 * args.batch,
@@ -219,10 +246,4 @@ def main(args) -> int:
     path = args.out or os.path.join(e3_dir(args.model_dir), ENGINE_COSTS_FILENAME)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, costs, indent=1)
-    lay = costs["layer"]
-    print("layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
-                                             if m & (m - 1) == 0))
-    print(f"exit boundary {1e3 * costs['exit_s']:.2f} ms, head {1e3 * costs['head_s']:.3f} ms/row, "
-          f"rest of a step {1e3 * costs['step_s']:.1f} ms + {1e3 * costs['row_s']:.2f} ms/request")
-    print(f"wrote {path}")
-    return 0
+    return costs, path

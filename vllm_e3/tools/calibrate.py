@@ -32,14 +32,14 @@ import time
 
 import torch
 
-from ..calibration import save as save_calibration
+from ..calibration import row_summary, save as save_calibration
 from ..config import CALIBRATION_FILENAME, CONFIG_FILENAME, RAMPS_FILENAME, E3Config, E3ConfigError, e3_dir
 from ..files import write_json
 from ..ramps import Ramp, check_base_model, load_ramp_tensors, model_hash, read_ramps_header, validate_ramps
 from ..simulate import MIN_GAIN
 from .costs import EngineModel, measure_costs
 from .data import (FrozenHead, _log, build_corpus, builtin_prompts, captured_cached, chat_token_ids,
-                   heldout_prompts, load_base)
+                   heldout_prompts, load_base, training_prompts)
 from .reference import free_running_quality
 from .selection import (SHORTLIST_KS, TARGET_GRID, calibrate_scores, confidence_quality, frontier,
                         per_exit_sweeps, score, shortlist_from, shortlist_scores)
@@ -104,15 +104,20 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               progress: bool = True, command: str | None = None, engine_costs: str | None = None,
               min_gain: float = MIN_GAIN, prompt_ids: list[list[int]] | None = None,
               train_prompt_ids: list[list[int]] | None = None, generate=None,
-              shortlist_ks=SHORTLIST_KS) -> dict:
+              shortlist_ks=SHORTLIST_KS, max_heldout: int = 0, train_prompts: list[str] | None = None,
+              find_engine_costs: bool = True) -> dict:
     """Calibrate the ramps in `out_dir` (default MODEL_DIR/e3) on held-out
     prompts; writes calibration.json, config.json, report.json and report.png
     there and returns the report. `command`, the command line that ran it, is
     recorded in calibration.json and the report, beside the training
     command from the ramps' metadata. `engine_costs` (default: the first of
     `out_dir` and MODEL_DIR/e3 holding engine_costs.json, as `vllm-e3
-    profile` writes it) prices each choice in the serving engine
-    (EngineModel); without it the per-row cost model alone decides.
+    profile` writes it; not looked for with `find_engine_costs` off) prices
+    each choice in the serving engine (EngineModel); without it the per-row
+    cost model alone decides. `max_heldout`: the first N prompts of the
+    built-in held-out split only (0: all); `train_prompts`: the prompts the
+    ramps were trained on (default the built-in train split), whose served
+    tokens make the shortlist.
     `prompt_ids` / `train_prompt_ids` (chat-templated token ids of the
     held-out and the training prompts) bypass the tokenizer, and
     `generate(model_dir, prompt_ids, max_tokens)` replaces vLLM as the corpus
@@ -132,15 +137,16 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     base_hash = model_hash(model_dir)
     if prompt_ids is None or train_prompt_ids is None:
         tok = AutoTokenizer.from_pretrained(model_dir)
-        prompt_ids = prompt_ids or chat_token_ids(tok, heldout_prompts(n_humaneval, builtin))
-        train_prompt_ids = train_prompt_ids or chat_token_ids(tok, builtin_prompts("train"))
+        prompt_ids = prompt_ids or chat_token_ids(tok, heldout_prompts(n_humaneval, builtin, max_heldout))
+        train_prompt_ids = train_prompt_ids or chat_token_ids(
+            tok, train_prompts if train_prompts is not None else builtin_prompts("train"))
     pids = prompt_ids
     corpus = build_corpus(model_dir, pids, max_tokens, base_hash=base_hash, dtype=engine_dtype,
                           cache_dir=cache_dir, generate=generate)
     c = captured_cached(model, base_hash, corpus, sorted(ramps), cache_dir=cache_dir, progress=progress)
     head = FrozenHead.of(model)
     t0 = time.time()
-    s = score(c, ramps, head)
+    s = score(c, ramps, head, progress=progress)
     # the shortlist: tokens the full model served on the training corpus (the training
     # prompts, disjoint from the held-out ones; cached where `vllm-e3 train` made it)
     served = build_corpus(model_dir, train_prompt_ids, max_tokens, base_hash=base_hash, dtype=engine_dtype,
@@ -148,9 +154,10 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
     V = head.weight.shape[0]
     ks = tuple(K for K in shortlist_ks if K < V)
     order = shortlist_from(served, V, max(ks, default=1))
-    short = shortlist_scores(c, ramps, head, order, ks)
+    short = shortlist_scores(c, ramps, head, order, ks, progress=progress)
     costs = measure_costs(model, ramps[max(ramps)], rows=cost_rows, shortlist_ks=ks)
-    engine = _engine_model(engine_costs, out_dir, model_dir, L, min_gain)
+    engine = (_engine_model(engine_costs, out_dir, model_dir, L, min_gain)
+              if engine_costs is not None or find_engine_costs else None)
     t1 = time.time()
     _log(f"calibrate: {c.num_rows} held-out decode rows from {len(pids)} prompts scored at exits "
          f"{list(s.exits)}, costs timed: {t1 - t0:.0f}s")
@@ -173,13 +180,14 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
         pick = [p for pair in zip(he, bi) for p in pair][:free_prompts] or pids[:free_prompts]
         eos = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(mc.eos_token_id or [])
         t0 = time.time()
-        free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos, order.tolist())
+        free = free_running_quality(model, head, ramps, cfgs, pick, free_tokens, eos, order.tolist(),
+                                    progress=progress)
         _log(f"calibrate: free-running comparison on {len(pick)} prompts: {time.time() - t0:.0f}s")
     cal.update(target_agreement=target, command=command, train_command=meta.get("command"),
                model_dir=os.path.abspath(model_dir), base_model_hash=base_hash, ramps=os.path.abspath(path),
                ramps_data_hash=meta.get("data_hash"), heldout={"humaneval": n_humaneval,
-               "builtin_heldout": builtin, "prompts": len(pids), "max_tokens": max_tokens,
-               "engine_dtype": engine_dtype,
+               "builtin_heldout": builtin, "max_builtin_heldout": max_heldout, "prompts": len(pids),
+               "max_tokens": max_tokens, "engine_dtype": engine_dtype,
                "rows": c.num_rows, "data_hash": corpus.data_hash()},
                costs_in_layers=costs.__dict__, num_layers=L,
                cost_model="cost/token = exit layer + checks*(ramp + confidence) + skipped layers*kv_fill; "
@@ -190,7 +198,7 @@ def calibrate(model_dir: str, *, target: float = 0.99, out_dir: str | None = Non
               "per_exit": per_exit_sweeps(s, costs, L), "free_running": free,
               "confidence_quality": quality, "shortlist_coverage": covered,
               "frontier": frontier([cal]),
-              "table": [_row_summary(r) for r in cal["table"]], "seconds": None}
+              "table": [row_summary(r) for r in cal["table"]], "seconds": None}
     os.makedirs(out_dir, exist_ok=True)
     save_calibration(os.path.join(out_dir, CALIBRATION_FILENAME), cal)
     write_json(os.path.join(out_dir, CONFIG_FILENAME), config)
@@ -216,19 +224,6 @@ def _engine_model(path: str | None, out_dir: str, model_dir: str, L: int, min_ga
     engine = EngineModel.load(path, L, min_gain)
     _log(f"calibrate: engine costs from {path}: an exit pays at <= {1 - min_gain:.2f} of full")
     return engine
-
-
-def _row_summary(r: dict) -> dict:
-    b = r["chosen"]
-    if b is None:
-        return {"target": r["target_agreement"], "policy": "full", "reason": r.get("reason")}
-    v = b["verify"]
-    return {"target": r["target_agreement"], "policy": r["policy"], "measure": b["measure"],
-            "engine_net_cost": b.get("engine_net_cost"),
-            "exits": b["exits_kept"], "thresholds": [t for t in b["thresholds"] if t is not None],
-            "agreement": v["agreement"], "cp_upper_95": v["cp_upper_95"],
-            "exit_fraction": [f for f, t in zip(v["exit_fraction"], b["thresholds"]) if t is not None],
-            "layers_skipped": v["expected_layers_skipped_fraction"], "net_cost": v["expected_net_cost"]}
 
 
 def format_report(rep: dict, L: int) -> str:
@@ -318,14 +313,21 @@ def _plot(rep: dict, path: str, L: int) -> None:
     plt.close(fig)
 
 
-def run(args) -> int:
+def from_args(args) -> dict:
+    """`vllm-e3 calibrate`'s arguments (vllm_e3/cli.py) -> `calibrate`'s report."""
     if not 0.0 < args.target_agreement < 1.0:
         raise SystemExit(f"--target-agreement must lie in (0, 1), got {args.target_agreement}")
+    return calibrate(args.model_dir, target=args.target_agreement, out_dir=args.out, n_humaneval=args.humaneval,
+                     builtin=not args.no_builtin_heldout, max_heldout=args.max_heldout,
+                     max_tokens=args.max_tokens, free_prompts=args.free_prompts,
+                     free_tokens=args.free_tokens, cost_rows=args.cost_rows, engine_dtype=args.engine_dtype,
+                     cache_dir=args.cache_dir, progress=not args.no_progress,
+                     command=getattr(args, "command", None), engine_costs=args.engine_costs,
+                     find_engine_costs=not args.no_engine_costs, min_gain=args.min_gain,
+                     train_prompts=training_prompts(args.train_prompts, args.max_train_prompts))
+
+
+def run(args) -> int:
     torch.set_num_threads(args.threads)
-    calibrate(args.model_dir, target=args.target_agreement, out_dir=args.out, n_humaneval=args.humaneval,
-              builtin=not args.no_builtin_heldout, max_tokens=args.max_tokens, free_prompts=args.free_prompts,
-              free_tokens=args.free_tokens, cost_rows=args.cost_rows, engine_dtype=args.engine_dtype,
-              cache_dir=args.cache_dir, progress=not args.no_progress,
-              command=getattr(args, "command", None), engine_costs=args.engine_costs,
-              min_gain=args.min_gain)
+    from_args(args)
     return 0

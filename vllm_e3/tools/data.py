@@ -19,7 +19,7 @@ resumes where it stopped:
             bucket).
 
 Training and calibration use transformers and vLLM as clients; the serving
-path never imports vllm_e3.tools (../shared/DESIGN.md, "Which part may know
+path never imports vllm_e3.tools (docs/design.md, "Which part may know
 which").
 """
 from __future__ import annotations
@@ -105,6 +105,16 @@ def builtin_prompts(split: str) -> list[str]:
     raise ValueError(f"unknown split {split!r}")
 
 
+def training_prompts(path: str | None, limit: int = 0) -> list[str] | None:
+    """The training prompts of `--prompts FILE` / `--max-prompts N` (None: the built-in
+    train split, all of it); calibrate's `--train-prompts`, for its
+    shortlist, the same."""
+    prompts = read_prompts_jsonl(path) if path else None
+    if limit:
+        prompts = (prompts if prompts is not None else builtin_prompts("train"))[:limit]
+    return prompts
+
+
 def chat_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt as one user turn of the model's chat template, with the
     generation prompt appended (what a chat request to the server sees)."""
@@ -137,8 +147,10 @@ def _humaneval(lo: int, hi: int) -> list[str]:
     return [f"Complete the following Python function.\n\n```python\n{r['prompt']}```" for r in probs[lo:hi]]
 
 
-def heldout_prompts(n_humaneval: int, builtin: bool) -> list[str]:
-    return humaneval_prompts(n_humaneval) + (builtin_prompts("heldout") if builtin else [])
+def heldout_prompts(n_humaneval: int, builtin: bool, max_builtin: int = 0) -> list[str]:
+    """HumanEval 0..n-1, then the built-in held-out split (its first `max_builtin`; 0: all)."""
+    held = builtin_prompts("heldout") if builtin else []
+    return humaneval_prompts(n_humaneval) + (held[:max_builtin] if max_builtin else held)
 
 
 # ---- corpus (vanilla vLLM) ---------------------------------------------------
@@ -157,7 +169,7 @@ class Corpus:
 def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int,
                    dtype: str = "float32") -> list[list[int]]:
     """Greedy continuations through vanilla vLLM (eager; no --model-impl)."""
-    # vLLM claims most of the RAM for its KV cache unless told (../shared/DESIGN.md).
+    # vLLM claims most of the RAM for its KV cache unless told (docs/design.md).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm import LLM, SamplingParams
@@ -176,6 +188,13 @@ def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int,
         gc.collect()
 
 
+def corpus_path(base_hash: str, prompt_ids: list[list[int]], max_tokens: int, dtype: str = "float32",
+                cache_dir: str | None = None) -> str:
+    """Where `build_corpus` caches the continuations of `prompt_ids`."""
+    key = _sha({"model": base_hash, "prompts": prompt_ids, "max_tokens": max_tokens, "dtype": dtype, "v": 1})
+    return os.path.join(cache_dir or cache_root(), f"corpus-{key[:16]}.json")
+
+
 def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *, base_hash: str,
                  dtype: str = "float32", cache_dir: str | None = None, generate=None) -> Corpus:
     """The model's greedy continuations, cached under (model, prompts, max_tokens, dtype).
@@ -184,8 +203,7 @@ def build_corpus(model_dir: str, prompt_ids: list[list[int]], max_tokens: int, *
     serves it. float32 by default: on CPUs without native bf16 GEMMs (AVX2
     only, like the machine in benchmarks/RESULTS.md) vLLM runs bf16 ~5x
     slower, and deployments there serve float32."""
-    key = _sha({"model": base_hash, "prompts": prompt_ids, "max_tokens": max_tokens, "dtype": dtype, "v": 1})
-    path = os.path.join(cache_dir or cache_root(), f"corpus-{key[:16]}.json")
+    path = corpus_path(base_hash, prompt_ids, max_tokens, dtype, cache_dir)
     if os.path.isfile(path):
         with open(path) as f:
             rec = json.load(f)

@@ -20,7 +20,7 @@ import torch
 from ..config import E3Config
 from ..exits import audit_mask, forced_exit_u
 from ..ramps import Ramp
-from .data import FrozenHead
+from .data import FrozenHead, _tqdm
 from .selection import confidence_of
 
 
@@ -270,7 +270,8 @@ def _loglik(model, prompt_ids: list[int], toks: list[int]) -> float:
 
 
 def free_running_quality(model, head, ramps, cfgs: dict[str, E3Config], prompt_ids: list[list[int]],
-                         max_tokens: int, eos: set[int], shortlist: list[int] | None = None) -> dict:
+                         max_tokens: int, eos: set[int], shortlist: list[int] | None = None,
+                         progress: bool = False) -> dict:
     """Per config: fraction of tokens before the first divergence from the
     same loop without exits, full-model log-likelihood per token of the
     early-exit output vs the full model's own, and the observed exits.
@@ -280,7 +281,8 @@ def free_running_quality(model, head, ramps, cfgs: dict[str, E3Config], prompt_i
     refs, _ = free_run_batched(model, head, ramps, off, prompt_ids, max_tokens, eos)
     ll_ref = [_loglik(model, p, r) for p, r in zip(prompt_ids, refs)]
     out = {"prompts": len(prompt_ids), "max_tokens": max_tokens, "configs": {}}
-    for name, cfg in cfgs.items():
+    for name, cfg in _tqdm(cfgs.items(), desc="free-running", unit="config", total=len(cfgs),
+                           disable=not progress):
         frac, lls, ntok, layers, exited = [], [], 0, 0, 0
         runs = zip(*free_run_batched(model, head, ramps, cfg, prompt_ids, max_tokens, eos,
                                      shortlist=shortlist))

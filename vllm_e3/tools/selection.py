@@ -32,7 +32,7 @@ from ..bounds import ALPHA, cp_upper
 from ..config import CONFIDENCE_MEASURES, SHORTLIST
 from ..ramps import Ramp
 from .costs import Costs, EngineModel
-from .data import Captured, FrozenHead, ramp_eval
+from .data import Captured, FrozenHead, _tqdm, ramp_eval
 
 
 TARGET_GRID = (0.95, 0.97, 0.99, 0.995)
@@ -72,10 +72,10 @@ def confidence_of(measure: str, hin: torch.Tensor, head: FrozenHead, ramp: Ramp,
     return p[:, 0] - p[:, 1] if measure == "margin" else p[:, 0]
 
 
-def score(c: Captured, ramps: dict[int, Ramp], head: FrozenHead) -> Scores:
+def score(c: Captured, ramps: dict[int, Ramp], head: FrozenHead, progress: bool = False) -> Scores:
     exits = tuple(sorted(ramps))
     agree, conf = [], {m: [] for m in CONFIDENCE_MEASURES}
-    for e in exits:
+    for e in _tqdm(exits, desc="score exits", unit="exit", disable=not progress):
         ev = ramp_eval(ramps[e], c.states[e], head)
         agree.append(ev["argmax"] == c.served)
         conf["max_prob"].append(ev["max_prob"])
@@ -108,12 +108,12 @@ def shortlist_from(served: list[list[int]], vocab: int, K: int) -> torch.Tensor:
 
 @torch.no_grad()
 def shortlist_scores(c: Captured, ramps: dict[int, Ramp], head: FrozenHead, order: torch.Tensor,
-                     ks=SHORTLIST_KS, chunk: int = 1024) -> dict[int, Scores]:
+                     ks=SHORTLIST_KS, chunk: int = 1024, progress: bool = False) -> dict[int, Scores]:
     """Per K, the Scores of measure shortlist@K: agreement is the ramp's top-1 over the
     first K ids of `order` against the served token, confidence its max-prob over them."""
     exits = tuple(sorted(ramps))
     out = {}
-    for K in ks:
+    for K in _tqdm(ks, desc="shortlist scores", unit="K", disable=not progress):
         idx = order[:K]
         Wk = head.weight[idx]                                          # [K, d]
         agree, conf = [], []

@@ -29,12 +29,12 @@ from ..files import write_json
 from ..ramps import Ramp, model_hash, ramp_key, save_ramps, validate_ramps
 from .data import (TEXT_SOURCE, TOP_K, Captured, FrozenHead, _log, _sha, _tqdm, build_corpus, builtin_prompts,
                    captured_cached, chat_token_ids, heldout_prompts, humaneval_reserved, load_base, ramp_eval,
-                   read_prompts_jsonl, text_corpus, topk_kl)
+                   text_corpus, topk_kl, training_prompts)
 from .selection import auc
 
 
 # Default candidate exits as fractions of the depth: 16, 20, 24, 27 of 30 layers.
-# Measured on SmolLM2-135M (benchmarks/RESULTS_ramps.md): exits before ~half
+# Measured on SmolLM2-135M (benchmarks/RESULTS.md, "Ramps and calibration"): exits before ~half
 # depth agree with the final top-1 on < 15% of tokens even with a trained ramp.
 DEFAULT_EXIT_FRACTIONS = (0.53, 0.67, 0.8, 0.9)
 
@@ -238,7 +238,8 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
               "served_vs_fp32_top1": float((c.served == c.top_ids[:, 0]).float().mean()), "exits": {}}
     _log(f"train: {report['rows_train']} rows, {report['rows_valid']} validation rows; "
          f"fp32 top-1 = vLLM ({recipe.engine_dtype}) token on {100 * report['served_vs_fp32_top1']:.1f}% of rows")
-    for e in exits:
+    # one bar over the exits (each exit's own bars show its phases): its ETA is the whole training's
+    for e in _tqdm(exits, desc="train exits", unit="exit", disable=not progress):
         t0 = time.time()
         ident = ramp_eval(None, cva.states[e], head, cva.top_lp, cva.top_ids)
         ramp, hist = train_ramp(ctr.states[e], ctr.final, ctr.top_lp, ctr.top_ids, head, rank=recipe.rank,
@@ -284,15 +285,18 @@ def train(model_dir: str, recipe: Recipe, *, out_dir: str | None = None, prompts
     return report
 
 
-def run(args) -> int:
-    torch.set_num_threads(args.threads)
-    prompts = read_prompts_jsonl(args.prompts) if args.prompts else None
-    if args.max_prompts:
-        prompts = (prompts if prompts is not None else builtin_prompts("train"))[:args.max_prompts]
+def from_args(args) -> dict:
+    """`vllm-e3 train`'s arguments (vllm_e3/cli.py) -> `train`'s report."""
     recipe = Recipe(exits=args.exits, rank=args.rank, max_tokens=args.max_tokens, mse_steps=args.mse_steps, steps=args.steps,
                     batch=args.batch, lr=args.lr, seed=args.seed, engine_dtype=args.engine_dtype,
                     text_windows=args.text_windows, text_tokens=args.text_tokens,
                     prompts=os.path.basename(args.prompts) if args.prompts else "builtin:train")
-    train(args.model_dir, recipe, out_dir=args.out, prompts=prompts, cache_dir=args.cache_dir,
-          progress=not args.no_progress, command=getattr(args, "command", None))
+    return train(args.model_dir, recipe, out_dir=args.out, cache_dir=args.cache_dir,
+                 prompts=training_prompts(args.prompts, args.max_prompts), progress=not args.no_progress,
+                 command=getattr(args, "command", None))
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    from_args(args)
     return 0
