@@ -207,7 +207,9 @@ def measure(args, cfg) -> tuple[dict, str]:
     from .files import write_json
     from .planner import ENGINE_COSTS_FILENAME
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from .envs import engine_defaults
+
+    engine_defaults(kv_cache_gib=1)
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -170,8 +170,9 @@ def _vllm_generate(model_dir: str, prompt_ids: list[list[int]], max_tokens: int,
                    dtype: str = "float32") -> list[list[int]]:
     """Greedy continuations through vanilla vLLM (eager; no --model-impl)."""
     # vLLM claims most of the RAM for its KV cache unless told (docs/design.md).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from ..envs import engine_defaults
+
+    engine_defaults(kv_cache_gib=2)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
