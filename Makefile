@@ -33,8 +33,14 @@ serve: prepare
 	exec env VLLM_PLUGINS=$(SERVE_PLUGINS) $(BIN)/vllm serve "$$MODEL" --model-impl e3 --host $(HOST) --port $(PORT) \
 	  --served-model-name smollm2-135m-instruct $(SERVE_FLAGS) $(ARGS)
 
+# Every test, and the 25 slowest of the run. CI calls this (.ci/run).
 test: prepare
-	@$(BIN)/python -m pytest -q --import-mode=importlib tests $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -q --import-mode=importlib --durations=25 tests $(PYTEST_ARGS)
+
+# The inner loop: every test that starts no engine (kernels under the Triton
+# interpreter, config, simulation, tools on literal data), a few minutes.
+test-fast: prepare
+	@$(BIN)/python -m pytest -q --import-mode=importlib -m "not slow" --durations=10 tests $(PYTEST_ARGS)
 
 bench: prepare
 	@$(BIN)/python benchmarks/bench_policies.py $(ARGS)

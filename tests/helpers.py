@@ -24,6 +24,17 @@ PROMPTS = [
 ]
 
 
+# The exits and synthetic profile most engine tests run: 30% of decode tokens
+# leave at 8, 25% at 15, 20% at 22 (0.357 of those reaching 15, 0.444 of those
+# reaching 22).
+EXITS = [8, 15, 22]
+MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
+MAX_TOKENS = 24          # tokens per prompt in the comparisons with the reference
+# The E3 config of the session's shared eager engine (conftest.shared_e3).
+SHARED_E3 = {"policy": "e3", "exits": EXITS, "force_exit": MIDDLE, "target_batch": 12, "max_park_steps": 3,
+             "park_when": "always", "test_overrides": True}
+
+
 def overrides(**fields) -> dict:
     """SamplingParams.extra_args carrying vllm-e3's test-only overrides
     (policy, force_exit, kv_fill, park_when: vllm_e3.knobs); the engine must

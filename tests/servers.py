@@ -12,6 +12,20 @@ import urllib.error
 import urllib.request
 
 
+# The planted deployment (test_serving, test_serve, test_data_parallel): exits
+# 8/15/22 that never fire by default, and a calibration table whose rows send
+# every decode token out at 15 (target <= 0.9), at 22 (<= 0.95), or nowhere.
+PLANTED_CONFIG = {"policy": "token", "exits": [8, 15, 22], "confidence": "max_prob"}
+PLANTED_TABLE = {"exits": [8, 15, 22], "table": [
+    {"target_agreement": 0.9, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, 0.0, None]}},
+    {"target_agreement": 0.95, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, None, 0.0]}},
+    {"target_agreement": 0.99, "policy": "full", "chosen": None},
+]}
+COMMON = ["--dtype", "float32", "--enforce-eager", "--served-model-name", "m", "--max-model-len", "1024"]
+KNOBS_ARGS = ["--model-impl", "e3", *COMMON, "--max-num-seqs", "16"]
+PLUGINS = {"VLLM_PLUGINS": "e3,e3_http"}   # the per-response routes are opt-in (vllm_e3/http.py)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

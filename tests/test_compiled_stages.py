@@ -15,11 +15,9 @@ margin and prints it, it does not assume it.
 import pytest
 import torch
 
-from helpers import PROMPTS, CachedReference, assert_same_ids, free_engine, overrides
+from helpers import EXITS, MAX_TOKENS, MIDDLE, PROMPTS, assert_same_ids, free_engine, overrides
 
-EXITS = [8, 15, 22]
-MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
-MAX_TOKENS = 24
+pytestmark = pytest.mark.slow
 MARGIN = 1e-4
 AUDIT = 0.5      # the online audit runs on half the exited tokens of every case
 
@@ -82,9 +80,8 @@ def runs(model_dir):
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gains
-    return CachedReference(model_dir, MAX_TOKENS)
+def ref(reference):
+    return reference
 
 
 def _check(runs, ref, case, **kw) -> list:

@@ -6,8 +6,8 @@ finds a request whatever engine served it; `/v1/e3/stats` adds the engines.
 vLLM defaults `--api-server-count` to the DP size, so this server runs two
 API servers, and `/metrics` comes from vLLM's multiprocess registry: the
 workers write multiprocess Prometheus counters there (vllm_e3.metrics,
-MultiprocessCounters; no patch). The deployment is test_serving.py's
-planted one: exits 8/15/22 that never fire by default, and a calibration
+MultiprocessCounters; no patch). The deployment is the planted one of
+tests/servers.py: exits 8/15/22 that never fire by default, and a calibration
 table whose 0.9 row sends every decode token out at 15.
 """
 import re
@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servers import complete, get, planted_model_dir, post, root, vllm_server
-from test_serving import COMMON, PLANTED_CONFIG, PLANTED_TABLE, PLUGINS
+from servers import (COMMON, PLANTED_CONFIG, PLANTED_TABLE, PLUGINS, complete, get, planted_model_dir, post, root,
+                     vllm_server)
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = [f"Write one sentence about {s}." for s in
            ("the ocean", "a robot", "the moon", "coffee", "rivers", "winter", "a small cat", "mathematics")]

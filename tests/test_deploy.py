@@ -61,6 +61,7 @@ def test_deploy_refuses_other_weights(prepared_model_dir, tmp_path):
     assert not os.path.exists(os.path.join(d, "e3"))
 
 
+@pytest.mark.slow
 def test_engine_on_the_deployed_model_uses_the_shipped_config(deployed_model_dir):
     """One engine, no E3 flags: the exits, thresholds and measure are the
     shipped config.json's, tokens leave only there, and it still answers."""

@@ -1,15 +1,15 @@
 """Policy e3 (parking and regrouping) against policy token: the same greedy
 tokens for requests of varied lengths arriving at different times (float32:
-batch compositions differ), nothing ever stuck, waits bounded. The shared
-engine has 32 runner slots and admits 16 requests (`max_num_active_seqs`);
-the E3 scheduler admits beyond 16 while requests are parked."""
+batch compositions differ), nothing ever stuck, waits bounded. The session's
+shared engine (conftest.shared_e3) has 32 runner slots and admits 16
+requests (`max_num_active_seqs`); the E3 scheduler admits beyond 16 while
+requests are parked."""
 import pytest
 
-from helpers import PROMPTS, free_engine, overrides
+from helpers import EXITS, MIDDLE, PROMPTS, SHARED_E3, free_engine, overrides
 
-EXITS = [8, 15, 22]
-MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
-MAX_PARK = 3
+pytestmark = pytest.mark.slow
+MAX_PARK = SHARED_E3["max_park_steps"]
 ACTIVE = 16
 
 
@@ -46,15 +46,8 @@ def _run_staggered(llm, prompts, policy, abort=()):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    from vllm import LLM
-
-    engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_num_seqs=32,
-                 max_num_active_seqs=ACTIVE, seed=0, additional_config={"e3": {
-                     "policy": "e3", "exits": EXITS, "target_batch": 12, "max_park_steps": MAX_PARK,
-                     "park_when": "always", "test_overrides": True}})
-    yield engine
-    free_engine(engine)
+def llm(shared_e3):
+    return shared_e3
 
 
 def test_e3_equals_token_and_bounds_waits(llm):

@@ -2,35 +2,30 @@
 fails if it is not) or refused at start-up with a message. The feature table
 in docs/serving.md cites these tests.
 
-One eager float32 engine serves the module (an engine start is ~25 s): policy
-`token`, identity ramps at 8/15/22 and a forced exit profile, so decode tokens
-leave at every exit whatever their confidence. Per-request `e3_enabled: 0`
-runs the full model on the same engine: the policy-`full` side of a
-comparison. The transformers model in float32 is the independent reference
-for which head produced a logprob.
+The session's shared eager float32 engine serves the module
+(conftest.shared_e3): each request asks for policy `token` with the forced
+"middle" profile (identity ramps at 8/15/22), so decode tokens leave at every
+exit whatever their confidence. Per-request `e3_enabled: 0` runs the full
+model on the same engine, whose own config forces the same profile: the
+policy-`full` side of a comparison. The transformers model in float32 is the
+independent reference for which head produced a logprob.
 """
 import math
 
 import pytest
 import torch
 
-from helpers import free_engine
+from helpers import EXITS, MIDDLE, overrides
 
-EXITS = (8, 15, 22)
-FORCE = {"8": 0.3, "15": 0.357, "22": 0.444}
-E3 = {"policy": "token", "exits": list(EXITS), "force_exit": FORCE}
+E3 = {"policy": "token", "exits": list(EXITS), "force_exit": {str(e): r for e, r in MIDDLE.items()}}
+TOKEN = overrides(policy="token", force_exit=MIDDLE)     # per request: the profile this module runs
 FULL = {"e3_enabled": 0}       # per request: the full model (vllm_e3.knobs)
 PROMPT = "The three primary colors are"
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    from vllm import LLM
-
-    engine = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_model_len=512,
-                 max_num_seqs=8, seed=0, additional_config={"e3": E3})
-    yield engine
-    free_engine(engine)
+def llm(shared_e3):
+    return shared_e3
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +39,9 @@ def _exited(llm) -> int:
     return sum(llm.collective_rpc("e3_exit_stats")[0]["exited"].values())
 
 
-def _run(llm, prompt, sp, extra=None):
+def _run(llm, prompt, sp, extra=TOKEN):
     """(outputs of one request, tokens that exited while it ran)."""
-    if extra is not None:
-        sp.extra_args = dict(extra)
+    sp.extra_args = dict(extra)
     before = _exited(llm)
     out = llm.generate([prompt], sp, use_tqdm=False)[0]
     return out, _exited(llm) - before
@@ -57,6 +51,7 @@ def _prompt_ids(llm, text=PROMPT) -> list[int]:
     return llm.get_tokenizer().encode(text)
 
 
+@pytest.mark.slow
 def test_temperature_top_p_sampling(llm):
     """Seeded sampling is reproducible, differs with the seed and from greedy."""
     from vllm import SamplingParams
@@ -76,6 +71,7 @@ def test_temperature_top_p_sampling(llm):
     assert list(a) != list(greedy.outputs[0].token_ids)
 
 
+@pytest.mark.slow
 def test_n_greater_than_one(llm):
     """n=3 through the sampling path with top_k=1 (vLLM refuses n > 1 with
     greedy): three copies, each the greedy n=1 output, each exiting alike."""
@@ -94,6 +90,7 @@ def test_n_greater_than_one(llm):
     assert again == [list(o.token_ids) for o in _run(llm, PROMPT, sp)[0].outputs]
 
 
+@pytest.mark.slow
 def test_logprobs_greedy_token_is_the_max(llm):
     from vllm import SamplingParams
 
@@ -114,7 +111,7 @@ def _first_exit(prompt_len: int, tokens: list[int]) -> tuple[int, int]:
     for i in range(1, len(tokens)):
         pos, inp = prompt_len + i - 1, tokens[i - 1]
         for e in EXITS:
-            if forced_exit_u(0, e, pos, inp) < FORCE[str(e)]:
+            if forced_exit_u(0, e, pos, inp) < MIDDLE[e]:
                 return i, e
     raise AssertionError("the forced profile exits no token of this output")
 
@@ -132,6 +129,7 @@ def _hf_logprobs(hf, ids: list[int], e: int | None) -> torch.Tensor:
     return logits.float().log_softmax(-1)
 
 
+@pytest.mark.slow
 def test_logprobs_of_an_exited_token_come_from_its_exit_head(llm, hf):
     """Up to the first exited token every token ran the full model; that
     token's logprobs are its exit's head input through the shared LM head
@@ -153,6 +151,7 @@ def test_logprobs_of_an_exited_token_come_from_its_exit_head(llm, hf):
             assert max(abs(got[t] - float(full[t])) for t in got) > 0.05
 
 
+@pytest.mark.slow
 def test_prompt_logprobs_are_the_full_models(llm, hf):
     """Prompt positions never exit: prompt_logprobs with exits equal those of
     a full-model run of the same request, and the transformers model's."""
@@ -165,7 +164,7 @@ def test_prompt_logprobs_are_the_full_models(llm, hf):
         out, exited = _run(llm, {"prompt_token_ids": ids}, sp, extra)
         return out.prompt_logprobs, exited
 
-    with_exits, exited = prompt_lps(None)
+    with_exits, exited = prompt_lps(TOKEN)
     full, exited_full = prompt_lps(FULL)
     assert exited > 0 and exited_full == 0
     assert with_exits[0] is None and len(with_exits) == len(ids)
@@ -178,6 +177,7 @@ def test_prompt_logprobs_are_the_full_models(llm, hf):
         assert abs(with_exits[i][ids[i]].logprob - float(ref[i - 1, ids[i]])) < 2e-3
 
 
+@pytest.mark.slow
 def test_structured_output(llm):
     """A regex long enough that decode tokens exit still matches exactly."""
     import re

@@ -1,5 +1,11 @@
-"""Policy `full` (and a model without e3/) is vanilla vLLM token for token."""
-from helpers import PROMPTS, free_engine
+"""Policy `full` (and a model without e3/) is vanilla vLLM token for token:
+an E3 engine under policy `full` with exits configured gives the session's
+vanilla eager ids (conftest.vanilla_eager)."""
+import pytest
+
+from helpers import EXITS, PROMPTS, free_engine
+
+pytestmark = pytest.mark.slow
 
 
 def _ids(llm, max_tokens=32):
@@ -9,18 +15,15 @@ def _ids(llm, max_tokens=32):
     return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
 
 
-def test_full_policy_equals_vanilla(model_dir):
+def test_full_policy_equals_vanilla(model_dir, vanilla_eager):
     from vllm import LLM
 
     # float32: exact ids across engines (vLLM 0.32 CPU bf16 is not even stable
     # run to run on AVX-512/AMX: near-ties flip)
-    common = dict(enforce_eager=True, max_num_seqs=16, seed=0, dtype="float32")
-    vanilla = LLM(model_dir, **common)
-    want = _ids(vanilla)
-    free_engine(vanilla)
+    want = vanilla_eager["eos_32"]
     # exits configured, identity ramps, but policy full: nothing exits
-    e3 = LLM(model_dir, model_impl="e3", **common,
-             additional_config={"e3": {"policy": "full", "exits": [8, 15, 22]}})
+    e3 = LLM(model_dir, model_impl="e3", enforce_eager=True, max_num_seqs=32, seed=0, dtype="float32",
+             additional_config={"e3": {"policy": "full", "exits": EXITS}})
     assert e3.collective_rpc("e3_model_class") == ["E3LlamaForCausalLM"]
     got = _ids(e3)
     assert e3.collective_rpc("e3_exit_stats")[0]["exited"] == {}

@@ -66,6 +66,7 @@ def good_answers(url: str) -> list[str]:
 
 
 # ---- the crash of the issue, and every test key over HTTP -------------------------------------
+@pytest.mark.slow
 def test_the_request_that_killed_the_server_gets_400(server):
     url, proc = server
     chat = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -77,6 +78,7 @@ def test_the_request_that_killed_the_server_gets_400(server):
     assert proc.poll() is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["e3", 0, 1, 0.5, "1", ["full"], [1, 2]])
 def test_test_keys_are_refused_over_http(server, value):
     url, _ = server
@@ -104,6 +106,7 @@ def test_overrides_without_the_switch_name_the_key():
     ({"force_exit": "8:1"}, "_e3_test.force_exit"),
     ({"thresholds": [0.5]}, "thresholds"),
 ])
+@pytest.mark.slow
 def test_bad_override_values_are_refused_by_an_engine_started_for_tests(chunky, bad, field):
     llm, _ = chunky
     from vllm import SamplingParams
@@ -133,6 +136,7 @@ def chunky(model_dir):
     free_engine(llm)
 
 
+@pytest.mark.slow
 def test_prompt_positions_never_exit(chunky, model_dir):
     """Every decode token leaves at exit 8; prompt tokens -- here fed in
     1-token chunks while other requests decode, and then recomputed alone
@@ -169,6 +173,7 @@ A_PROMPTS = ["Write a long story about a lighthouse keeper who finds a message i
 TARGETS = [None, 0.95, 0.96, 0.97, 0.99, 0.995, 1.0]
 
 
+@pytest.mark.slow
 def test_one_request_never_changes_another_through_the_prefix_cache(server):
     """Client A sends every accepted knob combination; client B's prompts are
     A's prompts + A's outputs (multi-turn chat). B's tokens equal B alone (a
@@ -281,6 +286,7 @@ def fuzz_payloads(seed: int, n: int) -> list[dict]:
 FUZZ_SEED, FUZZ_N = int(os.environ.get("VLLM_E3_FUZZ_SEED", "1234")), 320
 
 
+@pytest.mark.slow
 def test_fuzzed_knobs_get_4xx_or_are_served(server):
     """Seeded (VLLM_E3_FUZZ_SEED replays another draw): every payload gets a
     4xx with a message or is served; an `_e3*` key never gets through; the

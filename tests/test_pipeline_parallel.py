@@ -15,12 +15,14 @@ top-2 logit margin is below MARGIN).
 
 import pytest
 
-from tiny_parallel import EXITS, MAX_TOKENS, MIDDLE, THRESHOLD, check, planted_tiny, reference, run_cases
+from tiny_parallel import EXITS, MAX_TOKENS, MIDDLE, THRESHOLD, check, run_cases
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return planted_tiny(tmp_path_factory, "tiny-pp")
+def tiny(tiny_planted):
+    return tiny_planted[0]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,8 @@ def runs(tiny):
 
 
 @pytest.fixture(scope="module")
-def ref(tiny):
-    return reference(tiny)
+def ref(tiny_planted):
+    return tiny_planted[1]
 
 
 def test_rate_zero_is_vanilla_pp2(runs):

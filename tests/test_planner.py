@@ -167,6 +167,7 @@ def test_startup_plan_choices(monkeypatch, model_dir):
                                                  "plan": True}), model_dir, _vllm_config(64))
 
 
+@pytest.mark.slow
 def test_plan_at_engine_start(model_dir):
     """`plan: true` in an engine's E3 config: the model measures at load and
     runs what pays. A profile where nothing exits cannot pay on any machine,
@@ -189,6 +190,7 @@ def test_plan_at_engine_start(model_dir):
         free_engine(llm)
 
 
+@pytest.mark.slow
 def test_profile_cli_then_plan_simulates(model_dir, tmp_path):
     """`vllm-e3 profile` runs an engine under token with the config's exits,
     writes the costs it measured (layer time at the row counts its sweep ran,

@@ -1,24 +1,19 @@
-"""`vllm serve <default> --model-impl e3` on loopback answers chat requests,
-plain and streaming, through the `openai` client."""
+"""`vllm serve MODEL --model-impl e3` on loopback answers chat requests,
+plain and streaming, through the `openai` client (the session's knobs server,
+conftest.knobs_server: by default its exits never fire), and `vllm run-batch`
+answers a batch file."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from servers import vllm_server
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    # float32: vLLM 0.32 CPU's bf16 decodes wrong tokens compiled everywhere,
-    # and eager too on AMX Xeons (vanilla, no plugin: "L'Étoile, la
-    # Marseillaise, ..."); float32 is the configuration this project serves
-    args = ["--model-impl", "e3", "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
-            "--max-num-seqs", "8"]
-    with vllm_server(model_dir, args, log, timeout=240) as (url, _):
-        yield url, log
+def server(knobs_server, knobs_server_log):
+    return knobs_server, knobs_server_log
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -29,9 +24,9 @@ def test_chat_plain_and_streaming(server):
 
     base, log = server
     client = openai.OpenAI(base_url=base, api_key="none")
-    r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=20, temperature=0)
+    r = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=20, temperature=0)
     assert "Paris" in r.choices[0].message.content
-    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=20,
+    stream = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=20,
                                             temperature=0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == r.choices[0].message.content

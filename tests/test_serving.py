@@ -2,18 +2,19 @@
 /metrics and per-response statistics, and reliability under load, client
 disconnects and bad input.
 
-Three engines for the whole module (float32, eager, so numerics cannot mask a
-difference):
-- server `knobs`: a planted deployment -- exits 8/15/22 that never fire by
-  default, and a calibration table whose rows send every token out at 15
-  (target <= 0.9), at 22 (target <= 0.95), or nowhere (0.99);
+Three engines (float32, eager, so numerics cannot mask a difference):
+- server `knobs` (conftest.knobs_server, shared with test_serve): a planted
+  deployment -- exits 8/15/22 that never fire by default, and a calibration
+  table whose rows send every token out at 15 (target <= 0.9), at 22
+  (target <= 0.95), or nowhere (0.99);
 - server `load`: the shipped weights under policy e3 with the synthetic
   "middle" profile (30% of decode tokens leave at 8, 25% at 15, 20% at 22),
   32 requests admitted at a time and 64 runner slots (parked requests wait
-  in the other 32), and the online audit on a quarter of the exited tokens;
-- `offline`: `LLM(...)` on the planted deployment, where the test-only
-  per-request overrides give the forced exits and the full model (exits off)
-  to compare the servers with.
+  in the other 32); the online audit checks a quarter of the exited tokens;
+- `offline`: the session's shared eager engine (conftest.shared_e3) on the
+  same weights with identity ramps, where the test-only per-request
+  overrides give the forced exits and the full model (exits off) to compare
+  the servers with.
 """
 import asyncio
 import json
@@ -23,18 +24,9 @@ import time
 
 import pytest
 
-from helpers import overrides
-from servers import complete, get, planted_model_dir, post, process_tree_rss, root, vllm_server
+from helpers import MIDDLE, overrides
+from servers import COMMON, PLUGINS, complete, get, post, process_tree_rss, root, vllm_server
 
-MIDDLE = {"8": 0.3, "15": 0.357, "22": 0.444}
-PLANTED_CONFIG = {"policy": "token", "exits": [8, 15, 22], "confidence": "max_prob"}
-PLANTED_TABLE = {"exits": [8, 15, 22], "table": [
-    {"target_agreement": 0.9, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, 0.0, None]}},
-    {"target_agreement": 0.95, "policy": "token", "chosen": {"measure": "max_prob", "thresholds": [None, None, 0.0]}},
-    {"target_agreement": 0.99, "policy": "full", "chosen": None},
-]}
-COMMON = ["--dtype", "float32", "--enforce-eager", "--served-model-name", "m", "--max-model-len", "1024"]
-PLUGINS = {"VLLM_PLUGINS": "e3,e3_http"}   # the per-response routes are opt-in (vllm_e3/http.py)
 
 # 50 distinct prompts of varied length; the load test sends each 10 times
 SUBJECTS = ["the ocean", "a robot", "mathematics", "the moon", "a small cat", "coffee", "rivers",
@@ -43,19 +35,6 @@ FORMS = ["Write one sentence about {}.", "def describe_{}():", "Here is a short 
          "Q: What do you know about {}?\nA:", "List three facts about {}:"]
 LOAD_PROMPTS = [f.format(s if not f.startswith("def") else s.replace(" ", "_")) for s in SUBJECTS for f in FORMS]
 LOAD_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def planted(model_dir, tmp_path_factory):
-    return planted_model_dir(model_dir, str(tmp_path_factory.mktemp("planted") / "model"),
-                             PLANTED_CONFIG, PLANTED_TABLE)
-
-
-@pytest.fixture(scope="module")
-def knobs_server(planted, tmp_path_factory):
-    log = tmp_path_factory.mktemp("knobs") / "server.log"
-    with vllm_server(planted, ["--model-impl", "e3", *COMMON, "--max-num-seqs", "16"], log, PLUGINS) as (url, _):
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +50,8 @@ def load_server(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def offline(planted):
-    from vllm import LLM
-
-    from helpers import free_engine
-
-    llm = LLM(planted, model_impl="e3", dtype="float32", enforce_eager=True, max_model_len=1024,
-              max_num_seqs=64, additional_config={"e3": {"test_overrides": True}})
-    yield llm
-    free_engine(llm)
+def offline(shared_e3):
+    return shared_e3
 
 
 def offline_texts(llm, prompts, max_tokens, extra):
@@ -93,12 +65,13 @@ def offline_texts(llm, prompts, max_tokens, extra):
 KNOB_PROMPTS = ["def fibonacci(n):", "The three primary colors are", "Once upon a time, in a small village"]
 
 
+@pytest.mark.slow
 def test_knobs_pick_the_calibrated_thresholds(knobs_server, offline):
     """Each knob value gives exactly the tokens of the exits its table row
     names; off, 1.0 and the engine default give the full model."""
     full = offline_texts(offline, KNOB_PROMPTS, 8, overrides(policy="full"))
-    at15 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(force_exit={15: 1.0}))
-    at22 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(force_exit={22: 1.0}))
+    at15 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(policy="token", force_exit={15: 1.0}))
+    at22 = offline_texts(offline, KNOB_PROMPTS, 8, overrides(policy="token", force_exit={22: 1.0}))
     assert at15 != full and at22 != full and at15 != at22   # the cases differ, so the test can fail
     cases = [({}, full), ({"e3_enabled": 0}, full), ({"e3_enabled": False}, full), ({"e3_enabled": 1}, full),
              ({"e3_target_agreement": 0.9}, at15), ({"e3_target_agreement": 0.5}, at15),
@@ -114,6 +87,7 @@ def test_knobs_pick_the_calibrated_thresholds(knobs_server, offline):
         assert got == want, xargs
 
 
+@pytest.mark.slow
 def test_per_response_stats_and_metrics_agree(knobs_server):
     """GET /v1/e3/requests/{id} counts a response's decode tokens and exits;
     /metrics carries the engine totals in vLLM's Prometheus registry."""
@@ -160,6 +134,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(knobs_server):
     good = {"model": "m", "prompt": "The three primary colors are", "max_tokens": 4, "temperature": 0}
     status, ok = post(f"{knobs_server}/completions", good)
@@ -172,6 +147,7 @@ def test_bad_requests_get_400_naming_the_field_and_the_server_keeps_serving(knob
         assert status == 200 and again["choices"][0]["text"] == ok["choices"][0]["text"]
 
 
+@pytest.mark.slow
 def test_target_without_calibration_table_is_refused(load_server):
     url, _ = load_server
     status, body = complete(url, "Hello", e3_target_agreement=0.9)
@@ -214,6 +190,7 @@ async def _stream_all(url: str, prompts: list[str], concurrency: int) -> list[st
         await client.close()
 
 
+@pytest.mark.slow
 def test_load_500_streaming_requests(load_server, offline):
     """500 requests, 64 concurrent streaming clients, policy e3 with parking:
     none fails or is lost, every output equals the offline run's, and the
@@ -237,6 +214,7 @@ def test_load_500_streaming_requests(load_server, offline):
     assert max(int(k) for k in engine["park_wait_hist"]) <= 4     # max_park_steps
 
 
+@pytest.mark.slow
 def test_disconnects_and_aborts_leave_nothing_stuck(load_server):
     url, _ = load_server
 
@@ -284,6 +262,7 @@ def test_disconnects_and_aborts_leave_nothing_stuck(load_server):
 
 
 # ---- the Grafana dashboard ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_dashboard_series_are_on_metrics(load_server):
     """Every `vllm_e3:` series the Grafana dashboard queries
     (dashboards/vllm-e3-grafana.json; tests/test_dashboard.py checks its names

@@ -35,6 +35,7 @@ def setup(model_dir, tmp_path_factory):
     return ref, ids, shortlist, d
 
 
+@pytest.mark.slow
 def test_shortlist_exits_match_the_reference(setup):
     from vllm import LLM, SamplingParams
 
@@ -57,10 +58,13 @@ def test_shortlist_exits_match_the_reference(setup):
     assert list(where_full) != list(where)
 
 
-def test_a_missing_or_short_shortlist_stops_start_up(setup, tmp_path):
+def test_a_missing_or_short_shortlist_stops_start_up(model_dir, tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
-    _, _, _, d = setup
+    d = planted_model_dir(model_dir, str(tmp_path / "model"),
+                          config={"policy": "token", "exits": [EXIT], "thresholds": [THRESHOLD],
+                                  "confidence": f"shortlist@{K}"},
+                          calibration={"exits": [EXIT], "table": [], "shortlist": list(range(K))})
     start = lambda m, **e3: EngineArgs(model=m, model_impl="e3", dtype="float32", enforce_eager=True,
                                        additional_config={"e3": e3}).create_engine_config()
     with pytest.raises(Exception, match=f"needs {K + 1} shortlist tokens.*has {K}"):

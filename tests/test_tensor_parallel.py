@@ -17,12 +17,14 @@ prompts as at TP = 1, exit counts differing between the ranks).
 
 import pytest
 
-from tiny_parallel import EXITS, MIDDLE, PROMPTS, THRESHOLD, check, exit_counts, planted_tiny, reference, run_cases
+from tiny_parallel import EXITS, MIDDLE, PROMPTS, THRESHOLD, check, exit_counts, run_cases
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return planted_tiny(tmp_path_factory, "tiny-tp")
+def tiny(tiny_planted):
+    return tiny_planted[0]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,8 @@ def runs(tiny):
 
 
 @pytest.fixture(scope="module")
-def ref(tiny):
-    return reference(tiny)
+def ref(tiny_planted):
+    return tiny_planted[1]
 
 
 def test_rate_zero_is_vanilla_tp2(runs):

@@ -1,15 +1,15 @@
 """Per-token exits (policies `token` and `sync`) inside vLLM against a plain
 PyTorch reference of the same semantics, in float32 so numerics can neither
-mask nor fake a difference. One E3 engine serves every case through the
-test-only per-request overrides (vllm_e3.knobs)."""
+mask nor fake a difference. The session's shared eager E3 engine
+(conftest.shared_e3) serves every case through the test-only per-request
+overrides (vllm_e3.knobs); vanilla's ids are the session's
+(conftest.vanilla_eager)."""
 import pytest
 import torch
 
-from helpers import PROMPTS, CachedReference, free_engine, overrides
+from helpers import EXITS, MAX_TOKENS, MIDDLE, PROMPTS, overrides
 
-EXITS = [8, 15, 22]
-MIDDLE = {8: 0.3, 15: 0.357, 22: 0.444}
-MAX_TOKENS = 24
+pytestmark = pytest.mark.slow
 
 
 def _gen(llm, prompts, extra=None, max_tokens=MAX_TOKENS):
@@ -19,26 +19,24 @@ def _gen(llm, prompts, extra=None, max_tokens=MAX_TOKENS):
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
-@pytest.fixture(scope="module")
-def runs(model_dir):
-    """Every vLLM output of this module: vanilla first, then the E3 engine."""
-    from vllm import LLM
+def _token(**fields) -> dict:
+    return overrides(policy="token", **fields)
 
-    common = dict(dtype="float32", enforce_eager=True, max_num_seqs=32, seed=0)
-    vanilla = LLM(model_dir, **common)
-    out = {"vanilla": _gen(vanilla, PROMPTS)}
-    free_engine(vanilla)
-    llm = LLM(model_dir, model_impl="e3", **common,
-              additional_config={"e3": {"policy": "token", "exits": EXITS, "test_overrides": True}})
+
+@pytest.fixture(scope="module")
+def runs(shared_e3, vanilla_eager):
+    """Every vLLM output of this module."""
+    llm = shared_e3
+    out = {"vanilla": vanilla_eager["ignore_eos_24"]}
     tok = llm.get_tokenizer()
     out["prompt_ids"] = [tok(p)["input_ids"] for p in PROMPTS]
     out["eos"] = tok.eos_token_id
     llm.collective_rpc("e3_reset_exit_stats")
-    out["middle"] = _gen(llm, PROMPTS, overrides(force_exit=MIDDLE))
+    out["middle"] = _gen(llm, PROMPTS, _token(force_exit=MIDDLE))
     out["middle_stats"] = llm.collective_rpc("e3_exit_stats")[0]
-    out["middle_nofill"] = _gen(llm, PROMPTS, overrides(force_exit=MIDDLE, kv_fill=False))
-    out["zero"] = _gen(llm, PROMPTS, overrides(force_exit={8: 0.0, 15: 0.0, 22: 0.0}))
-    out["one15"] = _gen(llm, PROMPTS, overrides(force_exit={15: 1.0}))
+    out["middle_nofill"] = _gen(llm, PROMPTS, _token(force_exit=MIDDLE, kv_fill=False))
+    out["zero"] = _gen(llm, PROMPTS, _token(force_exit={8: 0.0, 15: 0.0, 22: 0.0}))
+    out["one15"] = _gen(llm, PROMPTS, _token(force_exit={15: 1.0}))
     # sync: a batch stops at an exit only if every row exits there. Alone in
     # its batch, a request follows the per-token semantics exactly.
     out["sync_alone"] = [_gen(llm, [p], overrides(policy="sync", force_exit=MIDDLE))[0]
@@ -49,14 +47,12 @@ def runs(model_dir):
     # it runs) or a staying row exits nobody: fewer tokens differ from vanilla
     # than under `token`.
     out["sync_batch"] = _gen(llm, PROMPTS, overrides(policy="sync", force_exit=MIDDLE))
-    free_engine(llm)
     return out
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    torch.set_num_threads(1)  # tiny ops: OpenMP sync costs more than it gains
-    return CachedReference(model_dir, MAX_TOKENS)
+def ref(reference):
+    return reference
 
 
 def test_rate_zero_is_vanilla(runs):
