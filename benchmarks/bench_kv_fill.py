@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from vllm_e3.exits import StackedKVFill, kv_fill_layer
+from vllm_e3.models.kv_fill import FillGroup, StackedKVFill, kv_fill_layer
 
 D, KV_HEADS, HD, L = 576, 3, 64, 30
 
@@ -46,7 +46,7 @@ def layers_and_weights():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="4,16,48")
+    ap.add_argument("--rows", default="4,16,48,96")
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -61,19 +61,19 @@ def main() -> None:
         counts = {e: max(1, round(m * s / tot)) for e, s in share.items()}
         groups, r0 = [], 0
         for e, n in counts.items():
-            groups.append((e, torch.arange(r0, r0 + n), torch.randn(n, D), torch.arange(n) + 100))
+            groups.append(FillGroup(e, torch.arange(r0, r0 + n), torch.randn(n, D), torch.arange(n) + 100))
             r0 += n
-        row_layers = sum(g[1].numel() * (L - g[0]) for g in groups)
+        row_layers = sum(g.count * (L - g.start) for g in groups)
 
         def per_layer():
             for l in range(8, L):
-                live = [g for g in groups if g[0] <= l]
-                rows = torch.cat([g[1] for g in live])
-                kv_fill_layer(layers[l], torch.cat([g[2] for g in live]),
-                              torch.cat([g[3] for g in live]), slots[f"layer{l}"][rows], kv_w[l])
+                live = [g for g in groups if g.start <= l]
+                rows = torch.cat([g.rows for g in live])
+                kv_fill_layer(layers[l], torch.cat([g.x for g in live]),
+                              torch.cat([g.positions for g in live]), slots[f"layer{l}"][rows], kv_w[l])
 
         def stacked():
-            stack.fill(layers, slots, groups)
+            stack.fill(slots, groups)
 
         best = {}
         for name, fn in (("per", per_layer), ("stack", stacked)):

@@ -1,5 +1,5 @@
 """Cost of restricting attention to the continuing requests: through the
-attention group's own builder (vllm_e3.attention: gather the common
+attention group's own builder (vllm_e3.models.attention: gather the common
 metadata, CPUAttentionMetadataBuilder.build) against the CPU-specific
 slicing it replaced (dataclasses.replace on CPUAttentionMetadata plus the
 kernel's work split). 64 decode requests, every other one kept; min and
@@ -11,7 +11,7 @@ import time, dataclasses, torch, statistics
 from vllm import _custom_ops as ops, envs
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadataBuilder, _get_attn_isa
-from vllm_e3.attention import select_requests
+from vllm_e3.models.attention import select_requests
 R=64
 qsl=torch.arange(R+1,dtype=torch.int32); seq=torch.randint(64,200,(R,),dtype=torch.int32)
 cm=CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=R, num_actual_tokens=R, max_query_len=1, max_seq_len=int(seq.max()), block_table_tensor=torch.arange(R*40,dtype=torch.int32).view(R,40), slot_mapping=torch.arange(R)*7, seq_lens_cpu_upper_bound=seq.clone(), positions=seq.long()-1, is_prefilling=torch.zeros(R,dtype=torch.bool))

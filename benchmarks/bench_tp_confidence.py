@@ -1,10 +1,10 @@
 """The collective an exit decision costs under tensor parallelism: what
-vllm_e3.parallel does against the alternatives, on vLLM's own
+vllm_e3.models.parallel does against the alternatives, on vLLM's own
 TP group inside a TP = 2 engine (one core per rank).
 
 For a decision over n rows, with the LM head split by vocabulary:
 - all_gather   the per-rank partial statistics [4, n] fp32 to every rank,
-               each rank merges (vllm_e3.parallel.VocabShard: one collective)
+               each rank merges (vllm_e3.models.parallel.VocabShard: one collective)
 - gather+bcast the same partials to rank 0, which decides and broadcasts the
                [n] mask (two collectives)
 - logits       every rank's [n, V/2] logit shard to every rank (what vLLM's

@@ -7,7 +7,9 @@ Glossary
                probability, top-1/top-2 probability margin, or a learned gate.
   threshold    per-row fp32; a row exits when confidence >= threshold (+inf: never).
   keep mask    [n] bool, rows that do NOT exit and continue to the next stage.
-  compaction   stable partition of rows by the keep mask: continuing rows first.
+  compaction   stable partition of rows by the keep mask: continuing rows first. (The
+               compiled stages partition inside their own graph, vllm_e3/models/stage.py;
+               this kernel serves callers outside a graph.)
   shortlist    optional `index` [K] of vocabulary ids: max_prob / margin over those
                K head rows only (argmax reported as a vocabulary id).
 

@@ -339,7 +339,7 @@ class ConfidencePartials:
     in torch): the top logit `m1`, the second `m2` (-inf for a range of one id), the
     sum `s` of exp(z - m1), and the top-1's vocabulary id `a`. An empty range is
     m1 = m2 = -inf, s = 0. Ranges merge as in the module docstring, so a vocabulary
-    split across tensor-parallel ranks is just more splits (vllm_e3.parallel)."""
+    split across tensor-parallel ranks is just more splits (vllm_e3.models.parallel)."""
     m1: torch.Tensor  # [n] fp32
     m2: torch.Tensor  # [n] fp32
     s: torch.Tensor  # [n] fp32

@@ -84,7 +84,7 @@ def check_against_model(e3cfg, vllm_config) -> None:
 
 
 def _check_parallel(e3cfg, vllm_config) -> None:
-    """What E3 does not run under pipeline parallelism (vllm_e3.parallel):
+    """What E3 does not run under pipeline parallelism (vllm_e3.models.parallel):
     parking, because a parked token's state would have to wait on the rank
     that parked it while the other ranks and the scheduler move on (its
     request yields no token, decided mid-pipeline); the online audit, which

@@ -7,7 +7,7 @@ v1/worker/utils.py:341), wrapped on those instances only -- no class is
 changed, vanilla engines never see it.
 
 Why: restricting a stage to a subset of the requests must go through each
-attention group's own builder (vllm_e3.attention), and the builders' input,
+attention group's own builder (vllm_e3.models.attention), and the builders' input,
 the per-KV-cache-group common metadata, is a local of
 `GPUModelRunner._build_attention_metadata` (gpu_model_runner.py:2397-2518);
 the forward context carries only what the builders made. The wrapper hands

@@ -8,7 +8,7 @@ class is changed, vanilla engines never see it.
 
 Why: a token that exits at `e` gets K/V in layers `e..L-1` from its pre-ramp
 state (the KV fill), not what the full model would write. Prompt positions
-never exit (vllm_e3.exits.RowLayout), so a block made only of prompt
+never exit (vllm_e3.models.rows.RowLayout), so a block made only of prompt
 positions holds exactly the full model's K/V; a block holding a decode
 position may not. vLLM caches a request's full blocks as it goes, decode
 blocks included, and another request whose prompt is this one's prompt +

@@ -62,13 +62,21 @@ def runs(model_dir):
              "middle": overrides(policy="token", force_exit=MIDDLE),
              "all8": overrides(policy="token", force_exit={8: 1.0}),
              "full": overrides(policy="full"),
+             "sync_batch": overrides(policy="sync", force_exit=MIDDLE),
              "e3_middle": overrides(policy="e3", force_exit=MIDDLE)}
+    # step timings (vllm_e3.profile): the e3 case's for the cost fit, and the
+    # host reads of each boundary under token and sync
+    profiled = {"middle": (True, True), "sync_batch": (True, True), "e3_middle": (True, False)}
     for name, extra in cases.items():
         llm.collective_rpc("e3_reset_exit_stats")
-        llm.collective_rpc("e3_profile", args=(name == "e3_middle",))   # step timings (vllm_e3.profile)
+        llm.collective_rpc("e3_profile", args=profiled.get(name, (False, False)))
         out[name] = _gen(llm, PROMPTS, extra)
         out[f"{name}_stats"] = llm.collective_rpc("e3_exit_stats")[0]
-    out["profile"] = llm.collective_rpc("e3_profile_steps")[0]
+        out[f"{name}_profile"] = llm.collective_rpc("e3_profile_steps")[0]
+    # sync alone in its batch follows the per-token semantics exactly
+    llm.collective_rpc("e3_profile", args=(False,))
+    out["sync_alone"] = [_gen(llm, [p], overrides(policy="sync", force_exit=MIDDLE))[0] for p in PROMPTS[:4]]
+    out["profile"] = out["e3_middle_profile"]
     free_engine(llm)
     vanilla = LLM(model_dir, **common)
     out["vanilla_mode"] = vanilla.llm_engine.vllm_config.compilation_config.mode
@@ -159,6 +167,35 @@ def test_online_audit_counts_what_the_reference_counts(runs, ref):
         st = runs[f"{case}_stats"]
         assert set(st["audited"]) == set(st["exited"]) and all(
             0 < st["audited"][e] < st["exited"][e] for e in st["exited"])
+
+
+def test_sync_matches_reference(runs, ref):
+    """Alone in its batch a sync request follows the per-token semantics; in a
+    batch of 16 nearly every step keeps a row, so sync stays closer to the
+    full model than token."""
+    for ids, got in zip(runs["prompt_ids"], runs["sync_alone"]):
+        want = ref.generate(ids, exits=EXITS, force_exit=MIDDLE)[0]
+        assert_same_ids("sync alone", [got], [want], [ids], ref, MARGIN, exits=EXITS, force_exit=MIDDLE)
+    same = lambda case: sum(a == b for a, b in zip(runs[case], runs["vanilla"]))
+    assert same("sync_batch") > same("middle")
+
+
+def test_a_boundary_reads_the_host_once(runs):
+    """Host reads (vllm_e3.profile.HostReads: int, bool, item, tolist, nonzero,
+    mask indexing, unique), counted on every decode-only step under token and
+    sync: exactly one per deciding boundary (the count of continuing rows),
+    none restricting attention. The plan before the forward reads the forced
+    rows' positions and tokens for the synthetic profile's hash: reported."""
+    for case in ("middle", "sync_batch"):
+        steps = [st for st in runs[f"{case}_profile"] if not st["prompt_rows"]]
+        assert len(steps) > 10, case
+        boundaries = sum(len(st["exits"]) for st in steps)
+        assert boundaries >= 2 * len(steps) - 2, case          # most steps decide at several exits
+        assert all(st["reads"]["exit"] == len(st["exits"]) for st in steps), case
+        assert sum(st["reads"]["restrict"] for st in steps) == 0, case
+        plan = sum(st["reads"]["plan"] for st in steps)
+        print(f"{case}: {boundaries} boundaries in {len(steps)} decode steps, one host read each; "
+              f"the plan's hash draws read {plan / len(steps):.1f} per step")
 
 
 def test_everything_exits_at_the_first_exit(runs, ref):

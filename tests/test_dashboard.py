@@ -44,7 +44,7 @@ def emitted_names() -> tuple[set[str], set[str]]:
     ExitStats non-zero, audit included, through a Prometheus registry."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from vllm_e3.exits import ExitStats
+    from vllm_e3.runtime import ExitStats
     from vllm_e3.metrics import FAMILIES, E3Collector
 
     st = ExitStats(steps=3, decode_tokens=10, exited={8: 3, 15: 2}, layers_run=200, layers_full=300,

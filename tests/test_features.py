@@ -106,7 +106,7 @@ def test_logprobs_greedy_token_is_the_max(llm):
 def _first_exit(prompt_len: int, tokens: list[int]) -> tuple[int, int]:
     """(index in `tokens`, exit) of the first generated token the forced
     profile makes leave early (the prefill's token, index 0, never does)."""
-    from vllm_e3.exits import forced_exit_u
+    from vllm_e3.models.draws import forced_exit_u
 
     for i in range(1, len(tokens)):
         pos, inp = prompt_len + i - 1, tokens[i - 1]

@@ -383,7 +383,7 @@ def test_calibration_for_other_ramps_is_refused(deployed_model_dir, tmp_path):
 
 
 def test_metrics_side_file_is_private(tmp_path):
-    from vllm_e3.exits import ExitStats
+    from vllm_e3.runtime import ExitStats
     from vllm_e3.metrics import StatsPublisher
     from vllm_e3.runtime import E3Runtime
 

@@ -173,7 +173,7 @@ def test_confidence_from_logits_vocab_of_one():
 
 @pytest.mark.parametrize("cuts", [[0, 5003], [0, 2501, 5003], [0, 1240, 1240, 4000, 5003], [0, 1, 4999, 5003]])
 def test_partials_of_vocabulary_ranges_merge_to_the_whole(cuts):
-    """What a tensor-parallel rank contributes (vllm_e3.parallel): the partial
+    """What a tensor-parallel rank contributes (vllm_e3.models.parallel): the partial
     statistics of its vocabulary range, merged in rank order, equal the whole
     vocabulary's confidence and argmax -- ties at the maximum across ranges
     (1234/1240/4000/4999 as above), an empty range, a range of one id."""

@@ -1,4 +1,4 @@
-"""The stacked KV fill (every skipped layer at once, vllm_e3.exits.StackedKVFill)
+"""The stacked KV fill (every skipped layer at once, vllm_e3.models.kv_fill.StackedKVFill)
 writes what the per-layer fill (kv_fill_layer: the layer's own norm, K/V
 projection, RoPE, cache write) writes, on vLLM's own RMSNorm and RoPE
 modules; and it is refused where a layer needs the per-layer path. The
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from vllm_e3.exits import StackedKVFill, kv_fill_layer
+from vllm_e3.models.kv_fill import FillGroup, StackedKVFill, kv_fill_layer
 
 D, HEADS, KV_HEADS, HD, L = 64, 4, 2, 16, 6
 
@@ -21,7 +21,8 @@ class Recorder:
         self.written = {}
 
     def do_kv_cache_update(self, attn, k, v, cache, slots):
-        assert k.is_contiguous() and v.is_contiguous()
+        # rows may be strided views (vLLM's CPU write takes them); heads and dims are dense
+        assert k.stride(-1) == v.stride(-1) == 1 and k.stride(-2) == v.stride(-2) == HD
         for i, s in enumerate(slots.tolist()):
             self.written[(attn.layer_name, s)] = (k[i].clone(), v[i].clone())
 
@@ -54,21 +55,21 @@ def test_stacked_fill_writes_what_the_per_layer_fill_writes(bias):
     layers, kv_w = _layers(rec_ref, bias=bias)
     # three groups leaving at exits 2, 3 and 5 of 6 layers, rows out of order
     g = torch.Generator().manual_seed(1)
-    groups = [(e, torch.tensor(rows), torch.randn(len(rows), D, generator=g),
-               torch.tensor([7 + 3 * r for r in rows]))
+    groups = [FillGroup(e, torch.tensor(rows), torch.randn(len(rows), D, generator=g),
+                        torch.tensor([7 + 3 * r for r in rows]))
               for e, rows in ((2, [4, 1]), (3, [0]), (5, [2, 5, 3]))]
     slot_mapping = {f"layer{l}": torch.arange(8) * 10 + l for l in range(L)}
     for l in range(2, L):                          # the per-layer path, as the loop runs it
-        live = [gr for gr in groups if gr[0] <= l]
-        rows = torch.cat([gr[1] for gr in live])
-        kv_fill_layer(layers[l], torch.cat([gr[2] for gr in live]),
-                      torch.cat([gr[3] for gr in live]), slot_mapping[f"layer{l}"][rows], kv_w[l])
+        live = [gr for gr in groups if gr.start <= l]
+        rows = torch.cat([gr.rows for gr in live])
+        kv_fill_layer(layers[l], torch.cat([gr.x for gr in live]),
+                      torch.cat([gr.positions for gr in live]), slot_mapping[f"layer{l}"][rows], kv_w[l])
     stack = StackedKVFill.build(layers, kv_w, 2)
     assert stack is not None
     for layer in layers:
         layer.self_attn.attn.impl = rec
-    written = stack.fill(layers, slot_mapping, groups)
-    assert written == sum(len(gr[1]) * (L - gr[0]) for gr in groups) == len(rec_ref.written)
+    written = stack.fill(slot_mapping, groups)
+    assert written == sum(gr.count * (L - gr.start) for gr in groups) == len(rec_ref.written)
     assert rec.written.keys() == rec_ref.written.keys()
     for key, (k, v) in rec_ref.written.items():
         torch.testing.assert_close(rec.written[key][0], k, rtol=1e-5, atol=1e-5)

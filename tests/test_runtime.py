@@ -2,7 +2,7 @@
 behind when requests end, the finished-request LRU bounded."""
 import torch
 
-from vllm_e3.exits import Parked
+from vllm_e3.models.rows import Parked
 from vllm_e3.knobs import FULL_RULES
 from vllm_e3.runtime import E3Runtime, RequestCounters
 

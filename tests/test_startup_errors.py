@@ -42,7 +42,7 @@ def test_policy_e3_refuses_async_scheduling(model_dir):
     ({"policy": "token", "exits": [8], "plan": True}, "the start-up planner"),
 ])
 def test_pipeline_parallel_refuses_what_runs_in_one_rank(model_dir, e3, what):
-    """vllm_e3.parallel: parking, the audit and the planner need one pipeline rank."""
+    """vllm_e3.models.parallel: parking, the audit and the planner need one pipeline rank."""
     from vllm import LLM
 
     with pytest.raises(ValueError) as ei:

@@ -10,7 +10,7 @@ TP = 2 (the cases per request); TP = 1 is the plain-PyTorch float32
 reference (helpers.CachedReference), which a TP = 1 engine matches
 (test_token_exits.py).
 
-What TP breaks without vllm_e3.parallel: each rank scores its exits on its
+What TP breaks without vllm_e3.models.parallel: each rank scores its exits on its
 own half of the vocabulary, so ranks exit different rows (measured: 0 of 8
 prompts as at TP = 1, exit counts differing between the ranks).
 """

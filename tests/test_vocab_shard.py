@@ -1,4 +1,4 @@
-"""vllm_e3.parallel.VocabShard across two real processes (torch.distributed,
+"""vllm_e3.models.parallel.VocabShard across two real processes (torch.distributed,
 gloo): each holds half of an LM head as vLLM's ParallelLMHead lays it out
 (rows of ids [start, end), zero padding rows after them) and the decision
 they reach -- confidence, argmax, exit mask -- is the unsharded head's, for
@@ -39,7 +39,7 @@ SHORTLISTS = {"even": [7, 900, 3, 620, 499, 500, 11], "one rank": [1, 2, 3, 4, 5
 
 
 def _rank(rank, path):
-    from vllm_e3.parallel import VocabShard
+    from vllm_e3.models.parallel import VocabShard
 
     dist.init_process_group("gloo", init_method=f"file://{path}.init", rank=rank, world_size=2)
     head, hidden, thr = _inputs()

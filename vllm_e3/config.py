@@ -66,7 +66,7 @@ class E3Config:
     confidence: str = "max_prob"
     # Synthetic exit profile for tests and benchmarks: {exit point: rate}.
     # Replaces the confidence test by the deterministic decision of
-    # `vllm_e3.exits.forced_exit_u` < rate.
+    # `vllm_e3.models.draws.forced_exit_u` < rate.
     force_exit: dict[int, float] = field(default_factory=dict)
     # Seed of the synthetic profile's hash.
     seed: int = 0

@@ -29,21 +29,89 @@ import gc
 import time
 from collections import deque
 
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads while active: ops whose Python value or output shape
+    depends on tensor data. The dispatch mode sees `nonzero`, `unique`,
+    `masked_select` and indexing with a bool mask; the function mode beside
+    it sees the conversions to Python -- `int()`, `bool()`, `float()`,
+    `.item()`, `.tolist()`, `.numpy()` -- which under vLLM's inference mode
+    never reach a dispatch mode. On a GPU each is a device sync."""
+
+    _DATA_DEPENDENT = ("aten.nonzero", "aten.unique", "aten._unique", "aten.unique_consecutive",
+                       "aten.unique_dim", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []          # the host reads
+        self.all_ops: dict[str, int] = {}   # every op dispatched, by name (the op-by-op table)
+        self._fn = _ToList(self.ops)
+
+    def __enter__(self):
+        self._fn.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._fn.__exit__(*exc)
+        return out
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.all_ops[name] = self.all_ops.get(name, 0) + 1
+        if name.startswith(self._DATA_DEPENDENT) or (
+                name.startswith("aten.index.Tensor") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())
+                    if i is not None)):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _ToList(TorchFunctionMode):
+    _TO_PYTHON = frozenset((torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__float__,
+                            torch.Tensor.__index__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy))
+
+    def __init__(self, ops: list[str]):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._TO_PYTHON:
+            self.ops.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_reads():
+    """A context counting the host reads inside it (`HostReads`)."""
+    return HostReads()
+
 
 class StepProfile:
-    """Records of the last `keep` steps (see the module docstring)."""
+    """Records of the last `keep` steps (see the module docstring).
+    `count_reads`: also count the host reads of each boundary, restriction
+    and plan (`HostReads`; slower, for tests and `vllm-e3 profile`)."""
 
-    def __init__(self, keep: int = 50_000):
+    def __init__(self, keep: int = 50_000, count_reads: bool = False):
         self.steps: deque[dict] = deque(maxlen=keep)
         self.cur: dict | None = None
+        self.count_reads = count_reads
 
     def begin(self) -> None:
         now = time.perf_counter()
         if self.steps and "period" not in self.steps[-1]:
             self.steps[-1]["period"] = now - self.steps[-1]["t0"]
         self.cur = {"t0": now, "reqs": 0, "rows": 0, "prompt_rows": 0, "parked": 0,
-                    "stages": [], "exits": [], "fill": [0, 0.0], "head": [0, 0.0],
-                    "audit": [0, 0.0]}
+                    "stages": [], "exits": [], "restrict": [], "plan": 0.0, "fill": [0, 0.0],
+                    "head": [0, 0.0], "audit": [0, 0.0], "reads": {"plan": 0, "exit": 0, "restrict": 0},
+                    "ops": {}}
 
     def end(self) -> None:
         if self.cur is not None:
@@ -55,17 +123,36 @@ class StepProfile:
     @contextlib.contextmanager
     def timed(self, kind: str, *key):
         """Time a piece of the current step: ("stage", start, end, rows),
-        ("exit",), ("fill", row_layers), ("head", rows), ("audit", rows)."""
+        ("exit",): a boundary's eager part, ("restrict",), ("plan",): the
+        exit plan built before the forward, ("fill", row_layers), ("head",
+        rows), ("audit", rows)."""
+        reads = HostReads() if self.count_reads and kind in ("exit", "restrict", "plan") else None
         t0 = time.perf_counter()
-        yield
+        if reads is not None:
+            with reads:
+                yield
+        else:
+            yield
         dt = time.perf_counter() - t0
         cur = self.cur
         if cur is None:
             return
+        if reads is not None:
+            cur["reads"][kind] += reads.count
+            for name, n in reads.all_ops.items():
+                key = f"{kind}:{name}"
+                cur["ops"][key] = cur["ops"].get(key, 0) + n
+            for name in reads.ops:
+                key = f"{kind}:{name}"
+                cur["ops"][key] = cur["ops"].get(key, 0) + 1
         if kind == "stage":
             cur["stages"].append((*key, dt))
         elif kind == "exit":
             cur["exits"].append(dt)
+        elif kind == "restrict":
+            cur["restrict"].append(dt)
+        elif kind == "plan":
+            cur["plan"] += dt
         else:                                  # fill, head, audit: [count, seconds]
             cur[kind][0] += key[0]
             cur[kind][1] += dt
@@ -83,8 +170,35 @@ def _median(xs):
 
 def _timed(st: dict) -> float:
     """Seconds of a step's record inside the timed pieces."""
-    return (sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + st["fill"][1] + st["head"][1]
-            + st.get("audit", (0, 0.0))[1])
+    return (sum(dt for *_, dt in st["stages"]) + sum(st["exits"]) + sum(st.get("restrict", ()))
+            + st.get("plan", 0.0) + st["fill"][1] + st["head"][1] + st.get("audit", (0, 0.0))[1])
+
+
+def decide_tail(steps: list[dict], num_layers: int):
+    """Seconds of the exit decision inside a deciding stage's graph against
+    its rows m: the deciding stage's time less its layers at the per-layer
+    time of the last stage (no decision) at the same rows, on decode steps;
+    a line a + b * m through those differences (a constant with one row
+    count, 0 with none)."""
+    last: dict[int, list[float]] = {}
+    decide: dict[int, list[tuple[int, float]]] = {}
+    for st in steps:
+        if st["prompt_rows"]:
+            continue
+        for start, end, m, dt in st["stages"]:
+            if end == num_layers:
+                last.setdefault(int(m), []).append(dt / (end - start))
+            else:
+                decide.setdefault(int(m), []).append((end - start, dt))
+    pts = [(m, _median([dt - n * _median(last[m]) for n, dt in calls])) for m, calls in decide.items() if m in last]
+    if not pts:
+        return lambda m: 0.0
+    if len(pts) == 1:
+        return lambda m, c=max(0.0, pts[0][1]): c
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / (sum((x - mx) ** 2 for x, _ in pts) or 1.0)
+    a = my - b * mx
+    return lambda m: max(0.0, a + b * m)
 
 
 def fit_costs(steps: list[dict], num_layers: int) -> dict:
@@ -94,8 +208,12 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
                    the stage calls of steps without prompt rows)
     prompt_s       seconds per prompt token per layer beyond that (prefill
                    steps: stage time less the decode rows' share)
-    exit_s         seconds per exit boundary run (decisions, compaction,
-                   restriction, parking)
+    exit_s         seconds per exit boundary, counted in full: the decision
+                   inside a deciding stage's graph (`decide_tail`), its eager
+                   part (the count read, exited rows to the output, parking),
+                   the restriction of attention that follows it, and its
+                   share of the exit plan built before the forward
+                   (thresholds, draws)
     fill_s         seconds per row-layer of KV fill
     head_s         seconds per head row
     step_s, row_s  the rest of a decode step (its period less the timed
@@ -108,11 +226,15 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
     """
     from .simulate import layer_curve
 
+    tail = decide_tail(steps, num_layers)
     acc: dict[int, list[float]] = {}
-    exit_t, fill, head, rest, prefill = [], [0, 0.0], [0, 0.0], [], []
+    exit_t, fill, head, rest, prefill = [0, 0.0], [0, 0.0], [0, 0.0], [], []
     for st in steps:
         timed_s = _timed(st)
-        exit_t += st["exits"]
+        if st["exits"]:
+            exit_t[0] += len(st["exits"])
+            exit_t[1] += (sum(st["exits"]) + sum(st.get("restrict", ())) + st.get("plan", 0.0)
+                          + sum(tail(m) for _, end, m, _ in st["stages"] if end < num_layers))
         fill[0] += st["fill"][0]; fill[1] += st["fill"][1]
         head[0] += st["head"][0]; head[1] += st["head"][1]
         if st["prompt_rows"]:
@@ -121,7 +243,7 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
         for start, end, m, dt in st["stages"]:
             a = acc.setdefault(int(m), [0, 0.0])
             a[0] += 1
-            a[1] += dt / (end - start)
+            a[1] += (dt - (tail(m) if end < num_layers else 0.0)) / (end - start)
         if "period" in st:
             rest.append((st["reqs"], st["period"] - timed_s))
     layer = {m: s / c for m, (c, s) in sorted(acc.items())}
@@ -159,7 +281,7 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
     return {"num_layers": num_layers, "layer": layer,
             "prompt_s": p_tl[1] / p_tl[0] if p_tl[0] else 0.0,
             "prompt_rest_s": max(0.0, p_rest[1] / p_rest[0]) if p_rest[0] else 0.0,
-            "exit_s": sum(exit_t) / len(exit_t) if exit_t else 0.0,
+            "exit_s": exit_t[1] / exit_t[0] if exit_t[0] else 0.0,
             "fill_s": fill[1] / fill[0] if fill[0] else 0.0,
             "head_s": head[1] / head[0] if head[0] else 0.0,
             "step_s": step_s, "row_s": row_s, "steps": len(steps), "fit_steps": n}

@@ -3,7 +3,7 @@
 The model (vllm_e3.models) holds weights and runs the stage loop; it keeps
 no request state. Everything that outlives one forward lives here, owned by
 the runner (`vllm_e3.worker.E3CPUModelRunner.e3_runtime`), and reaches the
-model through the step context (`vllm_e3.step.StepContext.runtime`):
+model through the step context (`vllm_e3.models.step.StepContext.runtime`):
 
 - `rules`    each request's rules (policy, thresholds from
              `e3_target_agreement`, `e3_enabled`, test overrides), resolved
@@ -14,7 +14,7 @@ model through the step context (`vllm_e3.step.StepContext.runtime`):
              (`e3_parked_req_ids`), and the scheduler rolls back exactly those;
 - `counters` per-request exit counters of running requests and the bounded
              LRU of finished ones (`RequestCounters`);
-- `stats`    the engine's exit counters (`vllm_e3.exits.ExitStats`, /metrics);
+- `stats`    the engine's exit counters (`ExitStats`, /metrics);
 - `profile`  per-step timings when asked for (`vllm_e3.profile.StepProfile`,
              None otherwise): the costs the planner's simulation fits.
 
@@ -24,12 +24,51 @@ logits and no token) live on the step context, which lasts one
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
-from .exits import ExitStats, Parked, RequestExitStats
 from .knobs import FULL_RULES, RequestRules, resolve_rules
+from .models.rows import Parked
 from .profile import StepProfile
+
+
+@dataclass
+class ExitStats:
+    """Per-worker counters (read by metrics later)."""
+    steps: int = 0
+    decode_tokens: int = 0       # decode tokens computed (a parked token once)
+    exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
+    layers_run: int = 0          # decoder layers run by decode tokens (a parked one: both parts)
+    layers_full: int = 0         # the same had no token exited
+    kv_fill_rows: int = 0        # sum over exited rows of layers filled
+    mixed_exit_steps: int = 0    # steps whose tokens left at two or more exits
+    parked: int = 0              # tokens parked (a token parked twice counts twice)
+    resumed: int = 0             # parked tokens that resumed where they stopped
+    park_wait_hist: dict[int, int] = dataclasses.field(default_factory=dict)  # steps waited -> tokens
+    stage_rows: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> decode rows run
+    stage_runs: dict[int, int] = dataclasses.field(default_factory=dict)   # stage start -> runs with decode rows
+    step_reqs: int = 0           # requests in the forwards, summed (mean in flight = step_reqs / steps)
+    step_reqs_max: int = 0       # most requests in one forward (parked ones included)
+    audited: dict[int, int] = dataclasses.field(default_factory=dict)      # exit -> exited tokens audited
+    audit_agreed: dict[int, int] = dataclasses.field(default_factory=dict)  # exit -> ramp top-1 = full top-1
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RequestExitStats:
+    """One request's decode tokens, as a client reads them (vllm_e3.stats)."""
+    tokens: int = 0              # decode tokens produced (the prefill's token not included)
+    layers_run: int = 0          # decoder layers they ran
+    layers_full: int = 0         # the same without exits
+    exited: dict[int, int] = dataclasses.field(default_factory=dict)   # exit -> tokens
+    parked: int = 0              # times a token of it was parked
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class AdmittedRequests:

@@ -13,7 +13,7 @@ Offline, the worker answers by name:
 exited per exit point, decoder layers run by decode tokens against a full
 pass, KV-fill rows (one per exited token per layer filled), parked/resumed
 tokens and park waits. Per request: decode tokens, layers run against a full
-pass, tokens per exit point, times parked (`vllm_e3.exits.RequestExitStats`).
+pass, tokens per exit point, times parked (`vllm_e3.runtime.RequestExitStats`).
 
 Served (`vllm serve --model-impl e3`): the engine counters are on `/metrics`
 (`vllm_e3.metrics`), per-request counters at `GET /v1/e3/requests/{id}`

@@ -2,7 +2,7 @@
 
 `E3CPUWorker` is vLLM's CPUWorker whose model runner is `E3CPUModelRunner`
 (cpu_worker.py builds the runner directly, so a worker subclass is the seam).
-The runner wraps each model forward in a `vllm_e3.step.StepContext` naming
+The runner wraps each model forward in a `vllm_e3.models.step.StepContext` naming
 the requests behind the rows; it never reaches into ramps.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm.v1.outputs import ModelRunnerOutput
 
-from .attention import StepAttention, check_groups
+from .models.attention import StepAttention, check_groups
 from .patches.patch_attn_capture import capture_common_metadata
 from .runtime import E3Runtime
-from .step import StepContext, current_step, step_context
+from .models.step import StepContext, current_step, step_context
 
 logger = logging.getLogger("vllm.e3")
 
@@ -215,13 +215,14 @@ class E3CPUWorker(CPUWorker):
         return {"blocks": runner.kv_cache_config.num_blocks,
                 "block_size": runner.cache_config.block_size}
 
-    def e3_profile(self, on: bool = True) -> None:
-        """Start (clearing earlier records) or stop per-step timing (vllm_e3.profile)."""
+    def e3_profile(self, on: bool = True, count_reads: bool = False) -> None:
+        """Start (clearing earlier records) or stop per-step timing
+        (vllm_e3.profile); `count_reads`: count each boundary's host reads too."""
         from .profile import StepProfile
 
         rt = self._e3_runtime()
         if rt is not None:
-            rt.profile = StepProfile() if on else None
+            rt.profile = StepProfile(count_reads=count_reads) if on else None
 
     def e3_profile_steps(self) -> list[dict]:
         """The recorded steps (vllm_e3.profile.fit_costs reads them)."""

@@ -1,12 +1,13 @@
 """E3 subclasses of vLLM's Llama-family causal LMs.
 
 `E3CausalLMMixin` adds ramps at the configured exit points and, when exits
-can fire, runs the decoder layers as compiled stages (vllm_e3/models/stage.py)
-under the stage loop (vllm_e3/models/loop.py): rows leave at exits, the rest
-are compacted, and under policy e3 small groups park. The model holds
-weights and what they compute (stages, ramps, exit decisions, the K/V rows
-for the fill); request state is the runner's (vllm_e3.runtime), reached
-through the step context (vllm_e3.step).
+can fire, runs the decoder layers as compiled stages that end in their exit's
+decision (vllm_e3/models/stage.py, heads.py) under the stage loop
+(vllm_e3/models/loop.py): rows leave at exits, the rest run on, and under
+policy e3 small groups park. The model holds weights and what they compute
+(stages, exit heads, the K/V rows for the fill); request state is the
+runner's (vllm_e3.runtime), reached through the step context
+(vllm_e3.models.step).
 
 The model returns, per row, the state the LM head reads; `compute_logits` and
 vLLM's sampler are untouched. With policy `full` (or no exit that can fire)
@@ -28,17 +29,17 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from ..attention import AttentionView
-from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
-from ..exits import ExitPlan, StackedKVFill, forced_exit_mask
 from ..calibration import Calibration
-from ..kernels import gate_confidence
-from ..parallel import PipelineRank, VocabShard, tp_group
+from ..config import CALIBRATION_FILENAME, RAMPS_FILENAME, e3_config_from_vllm, e3_dir
 from ..profile import timed
-from ..step import current_step
 from ..ramps import Ramp, load_ramp_tensors, require_gates, validate_ramps
+from .attention import AttentionView
+from .heads import ExitHead, VocabScorer, head_tag, scorer_for
+from .kv_fill import StackedKVFill, capture_kv_weights
 from .loop import StageLoop
-from .stage import build_stages
+from .parallel import PipelineRank, tp_group
+from .stage import DECIDE, FINAL, PASS, build_stage
+from .step import current_step
 
 logger = logging.getLogger("vllm.e3")
 
@@ -73,24 +74,9 @@ class E3CausalLMMixin:
         # confidence shortlist@K: the head rows the exit decision reads (checked at start-up)
         ids = self.e3_table.shortlist_ids(self.e3.confidence) if self.e3_table is not None else None
         self.e3_shortlist = torch.tensor(ids, dtype=torch.long) if ids is not None else None
-        # the head rows the exit confidence reads on this rank (vllm_e3.parallel):
-        # the shortlist's, gathered in load_weights, or the whole head, taken
-        # at the first decision (after vLLM's post-load processing)
-        self.e3_vocab: VocabShard | None = None
-        # the stages [start, end) as compile units (vllm_e3/models/stage.py),
-        # keyed by start layer; a plain dict attribute, not submodules: the
-        # layers stay registered (and loaded) once, under model.layers
-        self.e3_stages: dict[int, nn.Module] = {}
         # pipeline parallel: this rank's layers [lo, hi) and the part of each
-        # stage inside them (vllm_e3.parallel); one rank: [0, L)
+        # stage inside them (vllm_e3.models.parallel); one rank: [0, L)
         self.e3_rank = PipelineRank.of(self.model, self.e3)
-        if self.e3.exits_active:
-            ranges = self.e3_rank.ranges
-            self.e3_stages = dict(zip((a for a, _ in ranges),
-                                      build_stages(vllm_config, self.model.layers, ranges, prefix)))
-            if not self.e3_rank.single:      # exited rows travel with the hidden states
-                self.make_empty_intermediate_tensors = self.e3_rank.empty_tensors_factory(
-                    self.make_empty_intermediate_tensors)
         # A pipeline rank before the last decides exits without vLLM's final
         # norm and LM head (PPMissingLayer there): it loads its own copies
         # from the checkpoint (load_weights), the norm as vLLM's RMSNorm so
@@ -100,9 +86,75 @@ class E3CausalLMMixin:
             from vllm.model_executor.layers.layernorm import RMSNorm
 
             self.e3_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # the exit heads this rank decides with, and the stages as compile
+        # units (vllm_e3/models/stage.py), keyed by start layer; plain dict
+        # attributes, not submodules: the layers, ramps and head stay
+        # registered (and loaded) once, under the model
+        self.e3_heads: dict[int, ExitHead] = self._e3_build_heads(vllm_config) if self.e3.exits_active else {}
+        self.e3_stages: dict[int, nn.Module] = {}
+        if self.e3.exits_active:
+            self.e3_stages = self._e3_build_stages(vllm_config, prefix)
+            if not self.e3_rank.single:      # exited rows travel with the hidden states
+                self.make_empty_intermediate_tensors = self.e3_rank.empty_tensors_factory(
+                    self.make_empty_intermediate_tensors)
+        self.e3_kv_weights: list = []
+        self.e3_kv_stack: StackedKVFill | None = None
         logger.info("vllm-e3: %s policy=%s exits=%s thresholds=%s confidence=%s ramps=%s",
                     type(self).__name__, self.e3.policy, list(self.e3.exits),
                     list(self.e3.thresholds), self.e3.confidence, self.e3_ramps_path or "identity")
+
+    def _e3_build_heads(self, vllm_config) -> dict[int, ExitHead]:
+        """One exit head per exit this rank decides (vllm_e3/models/heads.py),
+        sharing one vocabulary scorer. An engine with no threshold and no
+        calibration table never scores a row: its heads skip the confidence."""
+        cfg, rank = self.e3, self.e3_rank
+        can_score = self.e3_table is not None or any(t is not None for t in cfg.thresholds)
+        norm = self.e3_norm if self.e3_norm is not None else self.model.norm
+        vocab = None
+        heads = {}
+        for j, e in enumerate(cfg.exits):
+            if e not in rank.decides:
+                continue
+            ramp = self.e3_ramps[str(e)]
+            if cfg.confidence != "gate" and can_score and vocab is None:
+                vocab = self._e3_vocab_scorer(vllm_config.model_config.dtype)
+            scorer, tag = scorer_for(cfg, ramp, can_score, vocab)
+            heads[e] = ExitHead(e, j, ramp, norm, scorer, head_tag(tag, ramp, j, len(cfg.exits)))
+        return heads
+
+    def _e3_vocab_scorer(self, dtype):
+        """The head rows this rank's exit confidence reads: the LM head itself
+        (read at call time), or a copy filled in load_weights -- the
+        shortlist's rows of this tensor-parallel shard, or on a pipeline rank
+        without the head, the checkpoint's rows (`_e3_load_head_copies`)."""
+        cfg, d = self.e3, self.config.hidden_size
+        measure = "max_prob" if self.e3_shortlist is not None else cfg.confidence
+        if not self.e3_rank.last:
+            ids = self.e3_shortlist
+            n = int(ids.numel()) if ids is not None else self.config.vocab_size
+            return VocabScorer(measure, rows=n, d=d, ids=ids, dtype=dtype)
+        if self.e3_shortlist is None:
+            return VocabScorer(measure, lm_head=self.lm_head, group=tp_group())
+        idx = self.lm_head.shard_indices
+        start, n_real = idx.org_vocab_start_index, idx.num_org_elements
+        ids = self.e3_shortlist
+        mine = ids[(ids >= start) & (ids < start + n_real)]
+        return VocabScorer(measure, rows=int(mine.numel()), d=d, ids=mine, group=tp_group(), dtype=dtype)
+
+    def _e3_build_stages(self, vllm_config, prefix: str) -> dict[int, nn.Module]:
+        """This rank's part of each stage, ending in its exit's decision, the
+        final norm (the model's last layer), or nothing (a rank boundary)."""
+        rank, L = self.e3_rank, self.e3_num_layers
+        stages = {}
+        for a, b in rank.ranges:
+            if b in self.e3_heads:
+                kind, head, norm = DECIDE, self.e3_heads[b], None
+            elif b == L and rank.last:
+                kind, head, norm = FINAL, None, self.model.norm
+            else:
+                kind, head, norm = PASS, None, None
+            stages[a] = build_stage(vllm_config, self.model.layers, a, b, kind, head, norm, prefix)
+        return stages
 
     # ---- weights -------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -119,16 +171,23 @@ class E3CausalLMMixin:
                 for key, param in ramp.param_items(int(e)):
                     param.data.copy_(tensors[key].to(param.dtype))
         loaded.update(name for name, _ in self.e3_ramps.named_parameters(prefix="e3_ramps"))
-        self._e3_capture_kv_weights()
-        if self.e3_shortlist is not None and self.e3_vocab is None:   # before vLLM's CPU path may repack the head
-            self.e3_vocab = VocabShard.of(self.lm_head, self.e3_shortlist, tp_group())
+        if self.e3.exits_active:
+            self._e3_capture_kv_weights()
+            vocab = self._e3_shared_vocab()
+            if vocab is not None and vocab.lm_head is None and self.e3_rank.last:
+                # the shortlist's rows, before vLLM's CPU path may repack the head
+                start = self.lm_head.shard_indices.org_vocab_start_index
+                vocab.rows.data.copy_(self.lm_head.weight[(vocab.ids - start).to(vocab.rows.device)])
         return loaded
+
+    def _e3_shared_vocab(self) -> VocabScorer | None:
+        return next((h.scorer for h in self.e3_heads.values() if isinstance(h.scorer, VocabScorer)), None)
 
     def _e3_head_names(self) -> tuple[str, str | None]:
         """Checkpoint names of the final norm and of the head rows (the input
         embedding when tied; None: the gate reads no head)."""
         head = None
-        if self.e3.confidence != "gate":
+        if self._e3_shared_vocab() is not None:
             head = ("model.embed_tokens.weight" if getattr(self.config, "tie_word_embeddings", False)
                     else "lm_head.weight")
         return "model.norm.weight", head
@@ -141,43 +200,24 @@ class E3CausalLMMixin:
                                  f"needs {name!r} from the checkpoint, which has none")
         self.e3_norm.weight.data.copy_(side[norm_name])
         if head_name is not None:
-            dtype = self.e3_norm.weight.dtype
+            vocab = self._e3_shared_vocab()
             head = side[head_name][:self.config.vocab_size]
-            if self.e3_shortlist is not None:
-                self.e3_vocab = VocabShard(head[self.e3_shortlist].to(dtype), self.e3_shortlist, 0)
-            else:
-                self.e3_vocab = VocabShard(head.to(dtype), None, 0)
+            rows = head[vocab.ids] if vocab.ids is not None else head
+            vocab.rows.data.copy_(rows.to(vocab.rows.dtype))
 
     def _e3_capture_kv_weights(self) -> None:
-        """Keep each layer's K/V rows of `qkv_proj` for the KV fill, which
-        needs K and V only (Q is ~60% of the projection on GQA models). Taken
-        now, before vLLM's CPU path may repack the weight for oneDNN; skipped
-        (full qkv_proj used) for quantized projections."""
-        self.e3_kv_weights = []
-        for l, layer in enumerate(self.model.layers):
-            if not self.e3_rank.owns(l):     # another pipeline rank's layer
-                self.e3_kv_weights.append(None)
-                continue
-            attn = layer.self_attn
-            proj = attn.qkv_proj
-            w = getattr(proj, "weight", None)
-            if type(proj.quant_method).__name__ != "UnquantizedLinearMethod" or w is None or w.ndim != 2:
-                self.e3_kv_weights.append(None)
-                continue
-            b = getattr(proj, "bias", None)
-            self.e3_kv_weights.append((w[attn.q_size:].detach().clone(),
-                                       None if b is None else b[attn.q_size:].detach().clone()))
-        # every skipped layer filled at once where the layers allow it
-        # (vllm_e3.exits.StackedKVFill); the per-layer weights become views of it
-        first = self.e3_rank.first_fill if self.e3.exits_active else None
-        self.e3_kv_stack = (StackedKVFill.build(self.model.layers, self.e3_kv_weights, first,
-                                                self.e3_rank.hi)
+        """Each layer's K/V rows of `qkv_proj` for the KV fill
+        (vllm_e3.models.kv_fill), and every skipped layer filled at once
+        where the layers allow it; the per-layer weights become views of it."""
+        rank = self.e3_rank
+        self.e3_kv_weights = capture_kv_weights(self.model.layers, rank.owns)
+        first = rank.first_fill
+        self.e3_kv_stack = (StackedKVFill.build(self.model.layers, self.e3_kv_weights, first, rank.hi)
                             if first is not None else None)
         if self.e3_kv_stack is not None:
             st = self.e3_kv_stack
-            for j in range(st.w.shape[0]):
-                b = None if st.b is None else st.b[j, 0]
-                self.e3_kv_weights[st.first + j] = (st.w[j], b)
+            for l in range(st.first, st.hi):
+                self.e3_kv_weights[l] = st.weights_of(l)
 
     # ---- forward -------------------------------------------------------
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
@@ -188,23 +228,32 @@ class E3CausalLMMixin:
             # profile / dummy runs, or no E3 runner: nothing can exit
             return self._e3_run_layers(input_ids, positions, intermediate_tensors, inputs_embeds)
         fc = get_forward_context()
-        loop = StageLoop(self, step, fc, AttentionView(fc, step.attn))
-        return loop.run(input_ids, positions, inputs_embeds, intermediate_tensors)
+        return StageLoop(self, step, fc, AttentionView(fc, step.attn), input_ids, positions, inputs_embeds,
+                         intermediate_tensors).run()
 
     def _e3_run_layers(self, input_ids, positions, intermediate_tensors, inputs_embeds):
+        """Every stage on all rows, none leaving (thresholds NaN): the warm-up
+        / profile run is each stage's first call, which compiles it at >= 2
+        rows with a dynamic count."""
         model, rank = self.model, self.e3_rank
         if intermediate_tensors is None:
             h = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
             residual = None
         else:
             h, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
-        # every stage on all rows: the warm-up/profile run is each stage's
-        # first call, which compiles it at >= 2 rows with a dynamic count
+        n = h.shape[0]
+        rows = torch.arange(n)
+        thr = torch.full((n, len(self.e3.exits)), float("nan"))
+        sync = torch.tensor(False)
         for stage in self.e3_stages.values():
-            h, residual = stage(positions, h, residual)
-        if not rank.last:
-            return rank.send(h, residual, torch.zeros_like(h), torch.zeros(h.shape[0], dtype=torch.long))
-        return model.norm(h, residual)[0]
+            res = stage(positions, h, residual, rows, thr, sync)
+            if stage.kind == FINAL:
+                return res
+            if stage.kind == PASS:
+                h, residual = res
+            else:
+                positions, h, residual, rows, thr = res[:5]
+        return rank.send(h, residual, torch.zeros_like(h), torch.zeros(n, dtype=torch.long))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The LM head for the requests that yield a token this step. A parked
@@ -225,35 +274,6 @@ class E3CausalLMMixin:
         logits = part.new_zeros(hidden_states.shape[0], part.shape[1])
         logits[keep] = part
         return logits
-
-    def e3_head_input(self, e: int, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """[n, d] state the LM head reads for rows exiting at `e`."""
-        norm = self.e3_norm if self.e3_norm is not None else self.model.norm
-        return norm(self.e3_ramps[str(e)](h + residual))
-
-    def e3_leave(self, e: int, plan: ExitPlan, cand_rows: torch.Tensor, head_in: torch.Tensor,
-                 pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """[m] bool: which candidate rows (forward rows `cand_rows`) leave at `e`."""
-        rate = plan.rate[e][cand_rows]
-        forced = ~torch.isnan(rate)
-        leave = torch.zeros(cand_rows.numel(), dtype=torch.bool)
-        if bool(forced.any()):
-            leave[forced] = forced_exit_mask(self.e3.seed, e, rate[forced], pos[forced], tok[forced])
-        thr = plan.threshold[e][cand_rows]
-        scored = ~forced & torch.isfinite(thr)
-        if bool(scored.any()):
-            idx = scored.nonzero().squeeze(1)
-            x = head_in[idx]
-            if self.e3.confidence == "gate":
-                ramp = self.e3_ramps[str(e)]
-                res = gate_confidence(x, ramp.gate_weight[0], ramp.gate_bias, thr[idx])
-            else:        # the head over this rank's vocabulary, merged across ranks
-                if self.e3_vocab is None:
-                    self.e3_vocab = VocabShard.of(self.lm_head, None, tp_group())
-                measure = "max_prob" if self.e3_shortlist is not None else self.e3.confidence
-                res = self.e3_vocab.confidence(x, thr[idx], measure)
-            leave[idx] = res.exit_mask.cpu()
-        return leave
 
 
 class E3LlamaForCausalLM(E3CausalLMMixin, LlamaForCausalLM):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..config import E3Config
-from ..exits import audit_mask, forced_exit_u
+from ..models.draws import audit_mask, forced_exit_u
 from ..ramps import Ramp
 from .data import FrozenHead, _tqdm
 from .selection import confidence_of
@@ -74,7 +74,7 @@ class ReferenceE3:
                  shortlist: list[int] | None = None) -> tuple[list[int], list[int | None]]:
         """Greedy tokens and, per token, the exit it left at (None: full).
         With `audit_rate`, the exited tokens the online audit draws
-        (vllm_e3.exits.audit_mask) also run the layers they skipped, with
+        (vllm_e3.models.draws.audit_mask) also run the layers they skipped, with
         their own K/V for those layers while they do, and `self.audits` lists
         (exit, ramp top-1 == full top-1) for each. `shortlist`: thresholds
         apply to the max probability over those token ids' logits only

@@ -10,6 +10,16 @@ with `current_step()`. Row `i` of the forward belongs to request
 Request state that outlives a step (each request's rules, resolved once at
 admission; the parking lot; counters) is the runner's `vllm_e3.runtime.E3Runtime`,
 reached as `step.runtime`.
+
+The per-step hand-offs, each in one place:
+
+| hand-off | written by | read by |
+|---|---|---|
+| `refill`: requests wait and slots are free, so a parked request lets one in | the scheduler (`E3Scheduler.schedule` sets `e3_refill` on its output) -> the runner (`E3CPUModelRunner.execute_model`) | `ExitPlan.build` (vllm_e3.models.rows): may a row park under `park_when: refill` |
+| `req_ids`, `rules`, `prompt_lens`, `attn`: who the rows are | the runner (`_model_forward`) | the stage loop (`RowLayout`, `ExitPlan`, `AttentionView`) |
+| `parked_req_ids`: requests whose token parked | the stage loop (`_park`) | the runner: discards their samples (`_model_forward`) and reports them (`sample_tokens` -> `e3_parked_req_ids`); the scheduler rolls them back (`update_from_output`) and counts them off the admission cap next step |
+| `no_logits`: the same requests, as a per-request mask | the stage loop (`_leave`) | `compute_logits` (vllm_e3.models.e3_model): no head rows for them |
+| parked state itself | the stage loop (`_park`), into `runtime.parking` | the next step's stage loop (`_take_resumed`); the runner drops a finished request's (`E3Runtime.finish`) |
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .knobs import RequestRules
+from ..knobs import RequestRules
 
 
 @dataclass
@@ -36,7 +46,7 @@ class StepContext:
     # cached prompt, are prompt positions.
     prompt_lens: torch.Tensor | None = None
     # the step's common attention metadata and attention groups
-    # (vllm_e3.attention.StepAttention); None: nothing can be restricted
+    # (vllm_e3.models.attention.StepAttention); None: nothing can be restricted
     attn: object = None
     # ---- set by the model's forward, read in the same step
     # requests whose token of this step was parked (policy e3): the runner

@@ -38,31 +38,51 @@ class StepAttention:
         return self.common[min(self.common)]
 
 
+_ARANGE = torch.arange(1, dtype=torch.int32)
+
+
+def _arange(n: int) -> torch.Tensor:
+    """[n] int32 0..n-1, a view of one cached tensor (no op per call)."""
+    global _ARANGE
+    if _ARANGE.numel() < n:
+        _ARANGE = torch.arange(max(n, 2 * _ARANGE.numel()), dtype=torch.int32)
+    return _ARANGE[:n]
+
+
 def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
     """The common metadata of the requests `keep_reqs` (ascending indices)
     whose rows are `keep_rows` (ascending; every row of each kept request).
-    A new object: `cm` is shared by every group's builder and never changed."""
+    A new object: `cm` is shared by every group's builder and never changed.
+
+    No host read: counts are the index tensors' shapes, and the maxima are
+    the full step's (`max_query_len`, `max_seq_len`: upper bounds, which the
+    CPU backend does not read and kernels elsewhere take as launch bounds).
+    A decode-only step (every query one token) restricts `query_start_loc`
+    to a cached 0..n."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     keep_reqs = keep_reqs.long()
     keep_rows = keep_rows.long()
-    qsl_cpu = cm.query_start_loc_cpu
-    qlen = (qsl_cpu[1:] - qsl_cpu[:-1])[keep_reqs]
-    new_qsl = torch.zeros(keep_reqs.numel() + 1, dtype=qsl_cpu.dtype)
-    torch.cumsum(qlen, 0, out=new_qsl[1:])
-    reqs_dev = keep_reqs.to(cm.seq_lens.device)
+    n_reqs, n_rows = keep_reqs.shape[0], keep_rows.shape[0]
+    if cm.max_query_len == 1:
+        new_qsl = _arange(n_reqs + 1).to(cm.query_start_loc_cpu.dtype)
+    else:
+        qsl_cpu = cm.query_start_loc_cpu
+        new_qsl = torch.zeros(n_reqs + 1, dtype=qsl_cpu.dtype)
+        torch.cumsum((qsl_cpu[1:] - qsl_cpu[:-1])[keep_reqs], 0, out=new_qsl[1:])
+    dev = cm.seq_lens.device
+    reqs_dev = keep_reqs.to(dev)
 
     def per_req(x):
         if x is None:
             return None
         if isinstance(x, torch.Tensor):
-            return x[reqs_dev if x.device == cm.seq_lens.device else keep_reqs]
+            return x[reqs_dev if x.device == dev else keep_reqs]
         return x[keep_reqs.numpy()]              # numpy (encoder_seq_lens_cpu, req_idx)
 
-    seq_lens_cpu = per_req(cm.seq_lens_cpu_upper_bound)
     seq_lens = cm.seq_lens[reqs_dev]
-    max_seq_len = (int(seq_lens_cpu.max()) if seq_lens_cpu is not None and seq_lens_cpu.numel()
-                   else cm.max_seq_len)
+    seq_lens_cpu = (seq_lens if cm.seq_lens_cpu_upper_bound is cm.seq_lens
+                    else per_req(cm.seq_lens_cpu_upper_bound))
     doc_ranges = None
     if cm.mm_req_doc_ranges is not None:
         old = keep_reqs.tolist()
@@ -71,10 +91,10 @@ def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
         query_start_loc=new_qsl.to(cm.query_start_loc.device),
         query_start_loc_cpu=new_qsl,
         seq_lens=seq_lens,
-        num_reqs=int(keep_reqs.numel()),
-        num_actual_tokens=int(keep_rows.numel()),
-        max_query_len=int(qlen.max()) if qlen.numel() else 0,
-        max_seq_len=max_seq_len,
+        num_reqs=n_reqs,
+        num_actual_tokens=n_rows,
+        max_query_len=cm.max_query_len,
+        max_seq_len=cm.max_seq_len,
         block_table_tensor=cm.block_table_tensor[reqs_dev],
         slot_mapping=cm.slot_mapping[keep_rows.to(cm.slot_mapping.device)],
         causal=per_req(cm.causal) if isinstance(cm.causal, torch.Tensor) else cm.causal,
@@ -118,7 +138,9 @@ class AttentionView:
 
     def restrict(self, keep_rows: torch.Tensor, keep_reqs: torch.Tensor) -> None:
         """Point every layer at the rows `keep_rows` (indices into the
-        original rows) of the requests `keep_reqs`."""
+        original rows) of the requests `keep_reqs`: one metadata build per
+        attention group, one slot gather per KV-cache group (its layers share
+        one slot-mapping tensor)."""
         new_md = dict(self.orig_md)
         for gid, cm in self.attn.common.items():
             sub = select_requests(cm, keep_reqs, keep_rows)
@@ -127,7 +149,14 @@ class AttentionView:
                 for name in group.layer_names:
                     new_md[name] = md
         self.fc.attn_metadata = new_md
-        self.fc.slot_mapping = {name: slots[keep_rows] for name, slots in self.orig_slots.items()}
+        gathered: dict[int, torch.Tensor] = {}
+        slots = {}
+        for name, table in self.orig_slots.items():
+            sub = gathered.get(id(table))
+            if sub is None:
+                sub = gathered[id(table)] = table[keep_rows]
+            slots[name] = sub
+        self.fc.slot_mapping = slots
 
     def restore(self) -> None:
         self.fc.attn_metadata = self.orig_md

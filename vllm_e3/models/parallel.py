@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import ConfidencePartials, ExitConfidence, exit_confidence, merge_partials
+from ..kernels import ConfidencePartials, ExitConfidence, exit_confidence, merge_partials
 
 
 @dataclass
@@ -68,6 +68,12 @@ class VocabShard:
         n = hidden.shape[0]
         packed = self.group.all_gather(part.pack()[None], dim=0)    # [T, 4, n], rank order
         return merge_partials(ConfidencePartials.unpack(packed.view(-1, 4, n)), threshold, measure)
+
+    def score(self, hidden: torch.Tensor, measure: str) -> torch.Tensor:
+        """[n] fp32 confidence of `hidden` [n, d], the same on every rank
+        (what a compiled stage compares with its per-row thresholds)."""
+        never = torch.full((hidden.shape[0],), float("inf"), device=hidden.device)
+        return self.confidence(hidden, never, measure).confidence
 
 
 def tp_group():
