@@ -26,8 +26,9 @@ def wrap_method(owner, name: str, make_wrapper) -> bool:
 
 
 def apply_all() -> None:
-    from . import patch_arg_utils, patch_model_dtype, patch_registry
+    from . import patch_arg_utils, patch_compile_cache, patch_model_dtype, patch_registry
 
     patch_registry.apply()
     patch_arg_utils.apply()
     patch_model_dtype.apply()
+    patch_compile_cache.apply()
