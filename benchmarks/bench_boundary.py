@@ -38,7 +38,10 @@ SHIPPED = [16, 20, 24]
 
 
 def _steps(llm, prompts, sp, extra, count_reads=False):
+    import copy
+
     llm.collective_rpc("e3_profile", args=(True, count_reads))
+    sp = copy.copy(sp)
     sp.extra_args = extra
     llm.generate(prompts, sp, use_tqdm=False)
     steps = llm.collective_rpc("e3_profile_steps")[0]

@@ -49,6 +49,15 @@ def _arange(n: int) -> torch.Tensor:
     return _ARANGE[:n]
 
 
+def _as(x: torch.Tensor, dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _on(x: torch.Tensor, device) -> torch.Tensor:
+    """`x` on `device`, with no op where it is there already (CPU)."""
+    return x if x.device == device else x.to(device)
+
+
 def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
     """The common metadata of the requests `keep_reqs` (ascending indices)
     whose rows are `keep_rows` (ascending; every row of each kept request).
@@ -61,17 +70,16 @@ def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
     to a cached 0..n."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    keep_reqs = keep_reqs.long()
-    keep_rows = keep_rows.long()
+    keep_reqs, keep_rows = _as(keep_reqs, torch.long), _as(keep_rows, torch.long)
     n_reqs, n_rows = keep_reqs.shape[0], keep_rows.shape[0]
     if cm.max_query_len == 1:
-        new_qsl = _arange(n_reqs + 1).to(cm.query_start_loc_cpu.dtype)
+        new_qsl = _as(_arange(n_reqs + 1), cm.query_start_loc_cpu.dtype)
     else:
         qsl_cpu = cm.query_start_loc_cpu
         new_qsl = torch.zeros(n_reqs + 1, dtype=qsl_cpu.dtype)
         torch.cumsum((qsl_cpu[1:] - qsl_cpu[:-1])[keep_reqs], 0, out=new_qsl[1:])
     dev = cm.seq_lens.device
-    reqs_dev = keep_reqs.to(dev)
+    reqs_dev = _on(keep_reqs, dev)
 
     def per_req(x):
         if x is None:
@@ -88,7 +96,7 @@ def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
         old = keep_reqs.tolist()
         doc_ranges = {i: cm.mm_req_doc_ranges[j] for i, j in enumerate(old) if j in cm.mm_req_doc_ranges}
     return CommonAttentionMetadata(
-        query_start_loc=new_qsl.to(cm.query_start_loc.device),
+        query_start_loc=_on(new_qsl, cm.query_start_loc.device),
         query_start_loc_cpu=new_qsl,
         seq_lens=seq_lens,
         num_reqs=n_reqs,
@@ -96,13 +104,13 @@ def select_requests(cm, keep_reqs: torch.Tensor, keep_rows: torch.Tensor):
         max_query_len=cm.max_query_len,
         max_seq_len=cm.max_seq_len,
         block_table_tensor=cm.block_table_tensor[reqs_dev],
-        slot_mapping=cm.slot_mapping[keep_rows.to(cm.slot_mapping.device)],
+        slot_mapping=cm.slot_mapping[_on(keep_rows, cm.slot_mapping.device)],
         causal=per_req(cm.causal) if isinstance(cm.causal, torch.Tensor) else cm.causal,
         encoder_seq_lens=per_req(cm.encoder_seq_lens),
         encoder_seq_lens_cpu=per_req(cm.encoder_seq_lens_cpu),
         dcp_local_seq_lens=per_req(cm.dcp_local_seq_lens),
         dcp_local_seq_lens_cpu_upper_bound=per_req(cm.dcp_local_seq_lens_cpu_upper_bound),
-        positions=None if cm.positions is None else cm.positions[keep_rows.to(cm.positions.device)],
+        positions=None if cm.positions is None else cm.positions[_on(keep_rows, cm.positions.device)],
         is_prefilling=per_req(cm.is_prefilling),
         seq_lens_cpu_upper_bound=seq_lens_cpu,
         req_idx=per_req(cm.req_idx),
