@@ -112,27 +112,25 @@ def _check_parallel(e3cfg, vllm_config) -> None:
                                 f"only; use policy 'token' or 'sync' (see docs/scaling.md)")
 
 
-def _add_request_validator(engine_args) -> None:
+def _add_request_validator(engine_args, e3cfg) -> None:
     """The per-request knobs are checked at admission by the
     `validate_params` hook of a logits processor (vllm_e3.knobs) that leaves
-    logits alone; the user's own processors stay."""
-    from vllm_e3.knobs import PROCESSOR_FQCN
-
-    procs = list(engine_args.logits_processors or [])
-    if PROCESSOR_FQCN not in procs:
-        engine_args.logits_processors = [*procs, PROCESSOR_FQCN]
-
-
-def _prepare_frontend(e3cfg, vllm_config) -> None:
-    """Front-end state of this engine: whether it has a calibration table
-    and takes test overrides (for the knobs' errors), and where its worker
-    publishes exit counters (for /metrics)."""
+    logits alone: this engine's own class, named after its state (test
+    overrides, exit points, whether the model has a calibration table); the
+    user's own processors stay, an earlier engine's entry of ours goes."""
     from vllm_e3.config import CALIBRATION_FILENAME, e3_dir
-    from vllm_e3.knobs import set_frontend
+    from vllm_e3.knobs import is_processor, processor_fqcn
+
+    table = os.path.isfile(os.path.join(e3_dir(engine_args.model), CALIBRATION_FILENAME))
+    procs = [p for p in (engine_args.logits_processors or []) if not is_processor(p)]
+    engine_args.logits_processors = [*procs, processor_fqcn(table, e3cfg)]
+
+
+def _prepare_frontend(vllm_config) -> None:
+    """Where this engine's worker publishes exit counters (for /metrics)."""
     from vllm_e3.metrics import prepare_frontend
 
     mc = vllm_config.model_config
-    set_frontend(e3cfg, os.path.join(e3_dir(mc.model), CALIBRATION_FILENAME))
     names = mc.served_model_name
     prepare_frontend(names if isinstance(names, str) else (names or [mc.model])[0])
 
@@ -251,10 +249,10 @@ def _make(orig):
                     "token yields no output and is rescheduled at the same position, which the async "
                     "scheduler's placeholders cannot express; drop --async-scheduling or use policy 'token'")
             self.async_scheduling = False     # auto: off (the CPU platform turns it off as well)
-        _add_request_validator(self)
+        _add_request_validator(self, e3cfg)
         config = orig(self, *args, **kwargs)
         check_against_model(e3cfg, config)
-        _prepare_frontend(e3cfg, config)
+        _prepare_frontend(config)
         return config
 
     return wrapper

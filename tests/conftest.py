@@ -100,30 +100,11 @@ def shared_e3(model_dir):
 
     from helpers import SHARED_E3, free_engine
 
-    from vllm_e3 import knobs
-
     llm = LLM(model_dir, model_impl="e3", dtype="float32", enforce_eager=True, max_model_len=1024,
               max_num_seqs=32, max_num_active_seqs=16, seed=0, additional_config={"e3": SHARED_E3})
-    _frontend["shared_e3"] = knobs._frontend
     held = _hold("shared_e3", llm, lambda: free_engine(llm))
     yield held.value
     held.close()
-
-
-# The per-request knobs are checked in the front end by a hook vLLM calls
-# without naming the engine (vllm_e3.knobs.E3RequestParams.validate_params),
-# so their state is per process: the last engine configured in it (one API
-# server serves one engine). Tests between two uses of the shared engine build
-# other engine configs in this process; its state is put back for its users.
-_frontend: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def _shared_engine_frontend(request):
-    if "shared_e3" in request.fixturenames and "shared_e3" in _frontend:
-        from vllm_e3 import knobs
-
-        knobs._frontend = _frontend["shared_e3"]
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,34 @@ def test_overrides_without_the_switch_name_the_key():
             parse_test_overrides({key: {"policy": "full"}}, allowed=False)
 
 
+def test_two_engines_in_one_process_keep_their_own_admission_rules():
+    """Each engine's knobs processor carries its own state in its name, and
+    vLLM loads it by that name: a second engine configured in the same
+    process (a test module, a second LLM object) does not change what the
+    first one admits. A CI run once failed here: the state was per process."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    from vllm_e3.knobs import processor_fqcn
+
+    test_engine = processor_fqcn(False, SimpleNamespace(test_overrides=True, exits=(8, 15, 22)))
+    served = processor_fqcn(True, SimpleNamespace(test_overrides=False, exits=(2,)))
+    forced = SamplingParams(extra_args={"_e3_test": {"force_exit": {15: 0.5}}})
+    target = SamplingParams(extra_args={"e3_target_agreement": 0.99})
+    validate_logits_processors_parameters([test_engine], forced)     # admitted
+    with pytest.raises(Exception, match="_e3_test.*test_overrides"):
+        validate_logits_processors_parameters([served], forced)
+    with pytest.raises(Exception, match="_e3_test.force_exit"):      # 15 is not among (2,)
+        validate_logits_processors_parameters(
+            [processor_fqcn(False, SimpleNamespace(test_overrides=True, exits=(2,)))], forced)
+    validate_logits_processors_parameters([served], target)          # it has a table
+    with pytest.raises(Exception, match="needs a calibration table"):
+        validate_logits_processors_parameters([test_engine], target)
+    validate_logits_processors_parameters([test_engine], forced)     # still admitted
+
+
 @pytest.mark.parametrize("bad, field", [
     ({"policy": "fast"}, "_e3_test.policy"),
     ({"park_when": "never"}, "_e3_test.park_when"),

@@ -22,6 +22,7 @@ import os
 import re
 import time
 
+import httpx
 import pytest
 
 from helpers import MIDDLE, overrides
@@ -172,7 +173,11 @@ def test_vanilla_engine_args_are_untouched(model_dir):
 async def _stream_all(url: str, prompts: list[str], concurrency: int) -> list[str | Exception]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    # No retries, and a fresh connection per request: a pooled keep-alive
+    # connection the server closes as the client reuses it fails a request
+    # that never reached the server (a client race, not a lost request).
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600)
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600, http_client=http)
     sem = asyncio.Semaphore(concurrency)
 
     async def one(p):
@@ -181,13 +186,14 @@ async def _stream_all(url: str, prompts: list[str], concurrency: int) -> list[st
                 stream = await client.completions.create(model="m", prompt=p, max_tokens=LOAD_TOKENS,
                                                          temperature=0, stream=True)
                 return "".join([c.choices[0].text async for c in stream if c.choices])
-            except Exception as e:   # counted as failed
-                return e
+            except Exception as e:   # counted as failed, with what caused it
+                return RuntimeError(f"{e!r} caused by {e.__cause__!r}")
 
     try:
         return await asyncio.gather(*(one(p) for p in prompts))
     finally:
         await client.close()
+        await http.aclose()
 
 
 @pytest.mark.slow

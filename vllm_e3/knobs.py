@@ -32,7 +32,6 @@ Resolution happens once per request, when the worker admits it
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +48,6 @@ KNOBS = ("e3_enabled", "e3_target_agreement")
 TEST_KEY = "_e3_test"
 TEST_FIELDS = ("policy", "force_exit", "kv_fill", "park_when")
 PARK_WHEN = ("refill", "always")
-PROCESSOR_FQCN = "vllm_e3.knobs:E3RequestParams"
 
 
 @dataclass(frozen=True)
@@ -191,36 +189,64 @@ def resolve_rules(cfg, table: "Calibration | None", extra: dict[str, Any] | None
     return rules
 
 
-# Front-end state for `validate_params` (a classmethod: vLLM gives it no
-# engine). Set by the create_engine_config wrapper for each `--model-impl e3`
-# engine; one API server process serves one engine.
-@dataclass
+# Front-end state for `validate_params`, a classmethod that vLLM calls with
+# the request alone. Each engine gets its own processor class: the
+# create_engine_config wrapper names it with `processor_fqcn(state)`, the
+# state spelled into the class name, and this module's `__getattr__` makes
+# the class from the name (in any process: the engine processes load it by
+# name too). Two engines in one process (tests, several LLM objects) keep
+# their own rules; there is no process-wide "last engine".
+@dataclass(frozen=True)
 class FrontendState:
     has_table: bool = False                 # the model has e3/calibration.json
     test_overrides: bool = False            # E3Config.test_overrides
     exits: tuple[int, ...] | None = None    # the configured exit points
 
+    def tag(self) -> str:
+        exits = "_".join(str(e) for e in self.exits) if self.exits else "none"
+        return f"t{int(self.has_table)}o{int(self.test_overrides)}x{exits}"
 
-_frontend: FrontendState | None = None
+    @classmethod
+    def from_tag(cls, tag: str) -> "FrontendState":
+        import re
+
+        m = re.fullmatch(r"t([01])o([01])x(none|\d+(?:_\d+)*)", tag)
+        if m is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {_PROCESSOR + '__' + tag!r}")
+        exits = None if m[3] == "none" else tuple(int(e) for e in m[3].split("_"))
+        return cls(m[1] == "1", m[2] == "1", exits)
 
 
-def set_frontend(cfg, calibration_path: str | None) -> None:
-    global _frontend
-    _frontend = FrontendState(calibration_path is not None and os.path.isfile(calibration_path),
-                              cfg.test_overrides, tuple(cfg.exits))
+_PROCESSOR = "E3RequestParams"
+_MODULE = __name__
+
+
+def is_processor(fqcn) -> bool:
+    """Whether a `logits_processors` entry is one of ours (any state)."""
+    return isinstance(fqcn, str) and fqcn.split("__")[0] == f"{_MODULE}:{_PROCESSOR}"
+
+
+def processor_fqcn(has_table: bool, cfg) -> str:
+    """The `logits_processors` entry of an engine with this E3 config and
+    (or without) a calibration table."""
+    state = FrontendState(bool(has_table), bool(cfg.test_overrides), tuple(cfg.exits))
+    return f"{_MODULE}:{_PROCESSOR}__{state.tag()}"
 
 
 class E3RequestParams(LogitsProcessor):
     """Carries vllm-e3's per-request validation into vLLM's admission path;
-    leaves logits alone."""
+    leaves logits alone. `state` None (the bare class): no engine config
+    known, so no test overrides and no table check."""
+
+    state: FrontendState | None = None
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         extra = sampling_params.extra_args
-        state = _frontend or FrontendState()
+        state = cls.state or FrontendState()
         knobs = parse_knobs(extra)
         parse_test_overrides(extra, allowed=state.test_overrides, exits=state.exits)
-        if knobs.target is not None and _frontend is not None and not state.has_table:
+        if knobs.target is not None and cls.state is not None and not state.has_table:
             raise ValueError(
                 "vllm_xargs field 'e3_target_agreement' needs a calibration table, and this model has "
                 "none (run `vllm-e3 calibrate MODEL_DIR` to write e3/calibration.json)")
@@ -236,3 +262,18 @@ class E3RequestParams(LogitsProcessor):
 
     def update_state(self, batch_update) -> None:
         pass
+
+
+_classes: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """`E3RequestParams__<tag>`: the processor class of one engine's state
+    (PEP 562; made once per name and process)."""
+    head, sep, tag = name.partition("__")
+    if head != _PROCESSOR or not sep:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _classes:
+        _classes[name] = type(name, (E3RequestParams,), {"state": FrontendState.from_tag(tag),
+                                                         "__module__": __name__})
+    return _classes[name]
