@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..knobs import FULL_RULES
-from .draws import audit_key, draw_mask
+from .draws import audit_key, uniform
 
 INF = float("inf")
 
@@ -133,27 +133,21 @@ class ExitPlan:
 
 def _fold_draws(thr, cfg, rules, forced, layout, may_exit, positions, tokens) -> None:
     """The synthetic profile's rows: -inf where the draw leaves, +inf where it
-    stays (host reads of the forced rows' positions and tokens: the hash runs
-    in Python, before the forward)."""
+    stays; every row and exit in one vectorised hash, no host read."""
     n = layout.num_rows
-    req = layout.req_of_row
-    for j, e in enumerate(cfg.exits):
-        rate = torch.tensor([r.force_exit.get(e, float("nan")) if j in f else float("nan")
-                             for r, f in zip(rules, forced)], dtype=torch.float64)[req]
-        rows = (may_exit[:n] & ~rate.isnan()).nonzero().squeeze(1)
-        if not rows.numel():
-            continue
-        leave = draw_mask(cfg.seed, e, rate[rows].tolist(), positions[rows].tolist(), tokens[rows].tolist())
-        thr[rows, j] = torch.tensor([-INF if x else INF for x in leave])
+    nan = float("nan")
+    rate = torch.tensor([[r.force_exit.get(e, nan) if j in f else nan for j, e in enumerate(cfg.exits)]
+                         for r, f in zip(rules, forced)], dtype=torch.float64)[layout.req_of_row]
+    u = uniform(cfg.seed, tuple(cfg.exits), positions[:n, None], tokens[:n, None])
+    drawn = may_exit[:n, None] & ~rate.isnan()
+    thr[:n] = torch.where(drawn, torch.where(u < rate, -INF, INF).float(), thr[:n])
 
 
 def _audit_draws(cfg, layout, may_exit, n_rows, positions, tokens) -> torch.Tensor:
+    n = layout.num_rows
     out = torch.zeros(n_rows, len(cfg.exits), dtype=torch.bool)
-    rows = may_exit.nonzero().squeeze(1)
-    if rows.numel():
-        pos, tok = positions[rows].tolist(), tokens[rows].tolist()
-        for j, e in enumerate(cfg.exits):
-            out[rows, j] = torch.tensor(draw_mask(audit_key(cfg.seed), e, [cfg.audit_rate] * len(pos), pos, tok))
+    u = uniform(audit_key(cfg.seed), tuple(cfg.exits), positions[:n, None], tokens[:n, None])
+    out[:n] = may_exit[:n, None] & (u < cfg.audit_rate)
     return out
 
 
