@@ -218,19 +218,18 @@ class FrontendState:
 
 
 _PROCESSOR = "E3RequestParams"
-_MODULE = __name__
 
 
 def is_processor(fqcn) -> bool:
     """Whether a `logits_processors` entry is one of ours (any state)."""
-    return isinstance(fqcn, str) and fqcn.split("__")[0] == f"{_MODULE}:{_PROCESSOR}"
+    return isinstance(fqcn, str) and fqcn.split("__")[0] == f"{__name__}:{_PROCESSOR}"
 
 
 def processor_fqcn(has_table: bool, cfg) -> str:
     """The `logits_processors` entry of an engine with this E3 config and
     (or without) a calibration table."""
     state = FrontendState(bool(has_table), bool(cfg.test_overrides), tuple(cfg.exits))
-    return f"{_MODULE}:{_PROCESSOR}__{state.tag()}"
+    return f"{__name__}:{_PROCESSOR}__{state.tag()}"
 
 
 class E3RequestParams(LogitsProcessor):

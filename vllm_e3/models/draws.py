@@ -63,9 +63,10 @@ def uniform(seed: int | str, exits: int | tuple[int, ...], positions: torch.Tens
 
 
 def forced_exit_u(seed: int | str, e: int, position: int, token_id: int) -> float:
-    """The synthetic profile's uniform draw for one token reaching exit `e`
-    (what the stage loop computes for all rows at once)."""
-    return float(uniform(seed, e, torch.tensor([position]), torch.tensor([token_id]))[0])
+    """The synthetic profile's uniform draw for one token reaching exit `e`:
+    `uniform`'s ops on Python ints (the reference's per-token path)."""
+    h = _mix32(_exit_keys(seed, (e,))[0] ^ (position & _M32))
+    return _mix32(h ^ (token_id & _M32)) / _U32
 
 
 def audit_key(seed: int) -> str:

@@ -96,8 +96,8 @@ class ExitPlan:
     def build(cls, cfg, layout: RowLayout, n_rows: int, step, positions: torch.Tensor,
               tokens: torch.Tensor | None) -> "ExitPlan":
         """From each request's rules. `positions`, `tokens` [N]: the draws of
-        the synthetic profile and of the audit read them (host lists, only
-        for rows whose request is forced or audited)."""
+        the synthetic profile and of the audit hash them (tensor ops, no host
+        read)."""
         num_reqs, E = layout.num_reqs, len(cfg.exits)
         rules = step.rules[:num_reqs] if step is not None and len(step.rules) >= num_reqs else None
         rules = rules or [FULL_RULES] * num_reqs
@@ -114,9 +114,8 @@ class ExitPlan:
         may_exit &= decode
         thr = per_row([[r.thresholds.get(e, INF) for e in cfg.exits] for r in rules], torch.float32, nan)
         thr = torch.where(may_exit[:, None] | thr.isnan(), thr, INF)
-        forced = [[j for j, e in enumerate(cfg.exits) if e in r.force_exit] for r in rules]
-        if any(forced) and E:
-            _fold_draws(thr, cfg, rules, forced, layout, may_exit, positions, tokens)
+        if any(e in r.force_exit for r in rules for e in cfg.exits):
+            _fold_draws(thr, cfg, rules, layout, may_exit, positions, tokens)
         audit = None
         if cfg.audit_rate > 0.0 and E and layout.num_decode:
             audit = _audit_draws(cfg, layout, may_exit, n_rows, positions, tokens)
@@ -131,13 +130,13 @@ class ExitPlan:
         return cls(thr, sync, per_row(fill, torch.bool, True), all(fill), may_park, audit, parks_any, parks_all)
 
 
-def _fold_draws(thr, cfg, rules, forced, layout, may_exit, positions, tokens) -> None:
+def _fold_draws(thr, cfg, rules, layout, may_exit, positions, tokens) -> None:
     """The synthetic profile's rows: -inf where the draw leaves, +inf where it
     stays; every row and exit in one vectorised hash, no host read."""
     n = layout.num_rows
     nan = float("nan")
-    rate = torch.tensor([[r.force_exit.get(e, nan) if j in f else nan for j, e in enumerate(cfg.exits)]
-                         for r, f in zip(rules, forced)], dtype=torch.float64)[layout.req_of_row]
+    rate = torch.tensor([[r.force_exit.get(e, nan) for e in cfg.exits] for r in rules],
+                        dtype=torch.float64)[layout.req_of_row]
     u = uniform(cfg.seed, tuple(cfg.exits), positions[:n, None], tokens[:n, None])
     drawn = may_exit[:n, None] & ~rate.isnan()
     thr[:n] = torch.where(drawn, torch.where(u < rate, -INF, INF).float(), thr[:n])
