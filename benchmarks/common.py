@@ -66,9 +66,9 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def interleaved_rounds(engines: dict, prompts, sp, runs: int, stats=None):
+def interleaved_rounds(engines: dict, prompts, sp, runs: int, stats=None, vanilla=("vanilla",)):
     """Time `engines` (name -> LLM) in `runs` interleaved rounds of one
-    closed batch each. E3 engines (every name but "vanilla") have their exit
+    closed batch each. E3 engines (every name but those in `vanilla`) have their exit
     counters reset before each round and read after it with `stats(llm)`.
     Returns per name: the round times (s), the last round's token ids, the
     last round's counters."""
@@ -76,7 +76,7 @@ def interleaved_rounds(engines: dict, prompts, sp, runs: int, stats=None):
     outs, counters = {}, {}
     for r in range(runs):
         for c, llm in engines.items():
-            e3 = c != "vanilla"
+            e3 = c not in vanilla
             if e3:
                 llm.collective_rpc("e3_reset_exit_stats")
             t0 = time.perf_counter()

@@ -88,8 +88,9 @@ def _check_parallel(e3cfg, vllm_config) -> None:
     parking, because a parked token's state would have to wait on the rank
     that parked it while the other ranks and the scheduler move on (its
     request yields no token, decided mid-pipeline); the online audit, which
-    runs exited rows through layers on every later rank; and the start-up
-    planner, which measures one process's stages. Nor eagerly: vLLM 0.32's
+    runs exited rows through layers on every later rank. The start-up plan
+    runs from e3/engine_costs.json only (every rank makes the same choice
+    from it: vllm_e3.pipeline). Nor eagerly: vLLM 0.32's
     CPU runner allocates the receiving rank's buffers only in the compiled
     warm-up, so rank 1 fails its first step (vanilla vLLM too)."""
     from vllm.config import CompilationMode
@@ -105,11 +106,21 @@ def _check_parallel(e3cfg, vllm_config) -> None:
                             f"sync_and_gather_intermediate_tensors, vanilla vLLM too); leave out "
                             f"--enforce-eager (E3's stages compile)")
     for bad, what in ((e3cfg.policy == "e3", "policy 'e3' (parking and regrouping)"),
-                      (e3cfg.audit_rate > 0, "the online audit (audit_rate > 0)"),
-                      (bool(e3cfg.plan), "the start-up planner (plan)")):
+                      (e3cfg.audit_rate > 0, "the online audit (audit_rate > 0)")):
         if bad:
             raise E3ConfigError(f"--pipeline-parallel-size {pp}: {what} runs in one pipeline rank "
                                 f"only; use policy 'token' or 'sync' (see docs/scaling.md)")
+    if e3cfg.plan:
+        # the ranks plan from the engine's measured costs (vllm_e3.pipeline.startup_pp_plan);
+        # without them, stop here rather than in every worker
+        from vllm_e3.config import e3_dir
+        from vllm_e3.planner import ENGINE_COSTS_FILENAME
+
+        path = os.path.join(e3_dir(vllm_config.model_config.model), ENGINE_COSTS_FILENAME)
+        if not os.path.isfile(path):
+            raise E3ConfigError(f"--pipeline-parallel-size {pp} with 'plan': true prices each rank with "
+                                f"the engine's own costs, and {path} is missing: run `vllm-e3 profile` "
+                                f"(one process), or leave 'plan' out")
 
 
 def _add_request_validator(engine_args, e3cfg) -> None:

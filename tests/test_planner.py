@@ -216,3 +216,16 @@ def test_profile_cli_then_plan_simulates(model_dir, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "simulating" in plan.stderr and "simulated" in plan.stdout
+
+
+def test_saturation_of_the_layer_curve():
+    """vllm_e3.profile.saturation: the row count from which a bigger batch
+    buys nothing (cost per row within 5% of the least), on literal curves."""
+    from vllm_e3.profile import saturation
+
+    # a fixed 4 ms plus 0.1 ms a row until 128 rows, then 0.13 ms a row: per row
+    # 4.1, 2.1, 1.1, 0.6, 0.35, 0.225, 0.1625, 0.131 (128), 0.13, 0.13, 0.13 ms
+    curve = {m: (4 + 0.1 * m if m <= 128 else 0.13 * m) * MS for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
+    assert saturation(curve) == 128
+    assert saturation({m: (4 + 0.1 * m) * MS for m in (1, 8, 64, 512)}) is None    # still falling
+    assert saturation({1: 1.0, 7: 2.0}) is None                                    # no two powers of two

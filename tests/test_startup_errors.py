@@ -39,16 +39,30 @@ def test_policy_e3_refuses_async_scheduling(model_dir):
 @pytest.mark.parametrize("e3, what", [
     ({"policy": "e3", "exits": [8]}, "policy 'e3'"),
     ({"policy": "token", "exits": [8], "audit_rate": 0.1}, "the online audit"),
-    ({"policy": "token", "exits": [8], "plan": True}, "the start-up planner"),
+    ({"policy": "e3", "exits": [8], "plan": True}, "policy 'e3'"),
 ])
 def test_pipeline_parallel_refuses_what_runs_in_one_rank(model_dir, e3, what):
-    """vllm_e3.models.parallel: parking, the audit and the planner need one pipeline rank."""
+    """vllm_e3.models.parallel: parking and the audit need one pipeline rank
+    (a plan does not lift that)."""
     from vllm import LLM
 
     with pytest.raises(ValueError) as ei:
         LLM(model_dir, model_impl="e3", pipeline_parallel_size=2, additional_config={"e3": e3})
     assert f"--pipeline-parallel-size 2: {what}" in str(ei.value)
     assert "use policy 'token' or 'sync'" in str(ei.value)
+
+
+def test_pipeline_parallel_plan_needs_the_engine_costs(model_dir):
+    """The ranks plan from e3/engine_costs.json (vllm_e3.pipeline); the
+    prepared model has none."""
+    from vllm import LLM
+
+    assert not os.path.exists(os.path.join(model_dir, "e3", "engine_costs.json"))
+    with pytest.raises(ValueError) as ei:
+        LLM(model_dir, model_impl="e3", pipeline_parallel_size=2,
+            additional_config={"e3": {"policy": "token", "exits": [8], "plan": True}})
+    assert "--pipeline-parallel-size 2 with 'plan': true" in str(ei.value)
+    assert "engine_costs.json is missing: run `vllm-e3 profile`" in str(ei.value)
 
 
 def test_pipeline_parallel_refuses_eager(model_dir):

@@ -13,7 +13,8 @@ MARGIN = 1e-4
 PROMPTS = tiny_prompt_ids(8, lo=3, hi=12)
 CASES = {"zero": overrides(policy="token", force_exit={e: 0.0 for e in EXITS}),
          "middle": overrides(policy="token", force_exit=MIDDLE),
-         "max_prob": overrides(policy="token")}       # the planted ramps and the engine's thresholds
+         # the planted ramps and the engine's thresholds (no forced profile, whatever the config's)
+         "max_prob": overrides(policy="token", force_exit={})}
 E3 = {"policy": "token", "exits": EXITS, "thresholds": [THRESHOLD] * len(EXITS), "test_overrides": True}
 
 
@@ -31,10 +32,11 @@ def _gen(llm, extra=None):
     return [list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs]
 
 
-def run_cases(model: str, **parallel) -> dict:
-    """Vanilla, then E3 (every case), at the parallelism `parallel` (LLM
-    keyword arguments), one core per rank: ids, and per case the E3 engine's
-    counters and request counters, one entry per worker."""
+def run_cases(model: str, e3: dict = E3, **parallel) -> dict:
+    """Vanilla, then E3 with config `e3` (every case), at the parallelism
+    `parallel` (LLM keyword arguments), one core per rank: ids, the E3
+    engine's config and layers per worker, and per case its counters and
+    request counters, one entry per worker."""
     from vllm import LLM
 
     common = dict(dtype="float32", max_model_len=256, max_num_seqs=16, seed=0, skip_tokenizer_init=True,
@@ -44,8 +46,10 @@ def run_cases(model: str, **parallel) -> dict:
         llm = LLM(model, **common)
         out["vanilla"] = _gen(llm)[0]
         free_engine(llm)
-        llm = LLM(model, model_impl="e3", **common, additional_config={"e3": E3})
+        llm = LLM(model, model_impl="e3", **common, additional_config={"e3": e3})
         out["mode"] = llm.llm_engine.vllm_config.compilation_config.mode
+        out["config"] = llm.collective_rpc("e3_config")
+        out["layers"] = llm.collective_rpc("e3_layers")
         for name, extra in CASES.items():
             llm.collective_rpc("e3_reset_exit_stats")
             out[name], ids = _gen(llm, extra)

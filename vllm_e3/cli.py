@@ -218,6 +218,10 @@ def _plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="with engine costs: requests in the simulated workload (default 3 x --batch)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel ranks: choose the partition of the layers too (priced with "
+                        "the engine costs, vllm_e3/pipeline.py) and print the line that applies it; "
+                        "--batch is then the rows of one step, with --pp groups of them in flight")
     p.add_argument("--write", action="store_true", help="write the plan into e3/config.json")
     p.set_defaults(handler="vllm_e3.planner:main")
     return p
@@ -229,6 +233,9 @@ def _profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     _workload_args(p)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--curve-to", type=int, default=None, metavar="ROWS",
+                   help="also time the layer on closed batches of 2, 4, ... x --batch rows up to ROWS "
+                        "(short outputs), so the planner has the curve where it plans beyond --batch")
     p.add_argument("--out", default=None, help="default MODEL_DIR/e3/engine_costs.json")
     p.set_defaults(handler="vllm_e3.profile:main")
     return p

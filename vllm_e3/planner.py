@@ -386,9 +386,37 @@ def main(args) -> int:
             return 2
     if not exits:
         exits = sorted(fractions)
+    if getattr(args, "pp", 1) > 1:
+        return _main_pp(args, cfg, exits, fractions)
     result = choose(args, cfg, exits, fractions)
     if args.write:
         print(f"wrote {write_plan(model_dir, cfg, result)}")
+    return 0
+
+
+def _main_pp(args, cfg, exits, fractions: dict[int, float]) -> int:
+    """`vllm-e3 plan --pp N`: the exits, policy (token, sync or full) and
+    partition of the layers over N pipeline ranks (vllm_e3.pipeline), priced
+    with the engine's measured costs."""
+    from .config import e3_dir
+    from .pipeline import describe, plan_pp
+
+    path = args.engine_costs or os.path.join(e3_dir(args.model_dir), ENGINE_COSTS_FILENAME)
+    if not os.path.isfile(path):
+        print(f"vllm-e3 plan: --pp prices each rank with the engine's own costs, and {path} is "
+              f"missing: run `vllm-e3 profile` first, or give --engine-costs", file=sys.stderr)
+        return 2
+    ecosts = load_engine_costs(path)
+    try:
+        result = plan_pp(ecosts, exits, fractions, args.batch, args.pp)
+    except ValueError as exc:
+        print(f"vllm-e3 plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[vllm-e3 plan] pricing {args.pp} pipeline ranks with {path}", file=sys.stderr)
+    for line in describe(result, args.model_dir):
+        print(line)
+    if args.write:
+        print(f"wrote {write_plan(args.model_dir, cfg, {**result, 'target_batch': []})}")
     return 0
 
 

@@ -287,6 +287,20 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
             "step_s": step_s, "row_s": row_s, "steps": len(steps), "fit_steps": n}
 
 
+def saturation(layer: dict, within: float = 0.05) -> int | None:
+    """The least power-of-two row count from which the layer's cost per row
+    stays within `within` of the least measured (the batch past which a
+    bigger batch buys nothing); None if it still falls at the largest."""
+    pts = sorted((int(m), float(v) / int(m)) for m, v in layer.items() if int(m) & (int(m) - 1) == 0)
+    if len(pts) < 2:
+        return None
+    floor = min(c for _, c in pts)
+    for i, (m, _) in enumerate(pts):
+        if all(c <= floor * (1 + within) for _, c in pts[i:]):
+            return m if i < len(pts) - 1 else None
+    return None
+
+
 def main(args) -> int:
     """`vllm-e3 profile MODEL_DIR`: measure the engine's costs here and write
     e3/engine_costs.json, which `vllm-e3 plan` and the start-up plan then
@@ -313,6 +327,11 @@ def main(args) -> int:
     lay = costs["layer"]
     print("layer ms by rows: " + ", ".join(f"{m}:{1e3 * v:.2f}" for m, v in lay.items()
                                              if m & (m - 1) == 0))
+    print("layer µs per row: " + ", ".join(f"{m}:{1e6 * v / m:.1f}" for m, v in lay.items()
+                                          if m & (m - 1) == 0))
+    flat = saturation(lay)
+    if flat is not None:
+        print(f"the per-row cost stops falling (within 5%) from {flat} rows")
     print(f"exit boundary {1e3 * costs['exit_s']:.2f} ms, head {1e3 * costs['head_s']:.3f} ms/row, "
           f"rest of a step {1e3 * costs['step_s']:.1f} ms + {1e3 * costs['row_s']:.2f} ms/request")
     print(f"wrote {path}")
@@ -331,13 +350,16 @@ def measure(args, cfg) -> tuple[dict, str]:
 
     from .envs import engine_defaults
 
-    engine_defaults(kv_cache_gib=1)
+    curve_to = getattr(args, "curve_to", None) or args.batch
+    wide = [b for b in (args.batch * 2 ** i for i in range(1, 12)) if b <= curve_to]
+    # KV for the widest closed batch: its prompts and 32 tokens, float32, with room
+    engine_defaults(kv_cache_gib=max(1, -(-curve_to * (args.prompt_len + 32) // 8192)))
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(args.model_dir, model_impl="e3", dtype=args.dtype, enforce_eager=args.enforce_eager,
-              max_num_seqs=max(args.batch, 16), seed=0,
+              max_num_seqs=max(args.batch, 16, curve_to), seed=0,
               max_num_batched_tokens=max(8192, args.batch * args.prompt_len),
               additional_config={"e3": {"policy": "token", "plan": False}})
     vocab = llm.model_config.get_vocab_size()
@@ -354,6 +376,8 @@ def measure(args, cfg) -> tuple[dict, str]:
         while b >= 1:
             llm.generate(prompts(b, 3 + b), sp(32), use_tqdm=False)
             b //= 2
+        for b in wide:                   # the curve beyond the workload's batch (--curve-to)
+            llm.generate(prompts(b, 3 + b), sp(32), use_tqdm=False)
         steps = llm.collective_rpc("e3_profile_steps")[0]
         num_layers = llm.model_config.get_total_num_hidden_layers()
     finally:
@@ -364,6 +388,7 @@ def measure(args, cfg) -> tuple[dict, str]:
         gc.collect()
     costs = fit_costs(steps, num_layers)
     costs.update({"dtype": args.dtype, "compiled": not args.enforce_eager, "batch": args.batch,
+                  "curve_to": curve_to,
                   "exits": list(cfg.exits), "confidence": cfg.confidence,
                   "workload": {"requests": args.requests or 3 * args.batch,
                                "prompt_len": args.prompt_len, "output_len": args.output_len}})

@@ -178,6 +178,12 @@ class E3CPUWorker(CPUWorker):
         cfg = getattr(self._e3_model(), "e3", None)
         return cfg.to_dict() if cfg is not None else None
 
+    def e3_layers(self) -> list[int] | None:
+        """The decoder layers [lo, hi) this worker's pipeline rank holds
+        (vllm_e3.models.parallel.PipelineRank); None on a model without exits config."""
+        rank = getattr(self._e3_model(), "e3_rank", None)
+        return [rank.lo, rank.hi] if rank is not None else None
+
     def e3_exit_stats(self) -> dict | None:
         from .stats import exit_stats
 

@@ -49,10 +49,16 @@ class E3CausalLMMixin:
     `.model.norm`, `.lm_head`. Put it first in the bases."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        e3 = e3_config_from_vllm(vllm_config)
+        e3.validate_for_model(vllm_config.model_config.hf_config.num_hidden_layers)
+        if e3.plan and vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # the partition must be set before vLLM builds this rank's layers (vllm_e3.pipeline)
+            from ..pipeline import startup_pp_plan
+
+            e3 = startup_pp_plan(e3, vllm_config.model_config.model, vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         cfg = self.config
-        self.e3 = e3_config_from_vllm(vllm_config)
-        self.e3.validate_for_model(cfg.num_hidden_layers)
+        self.e3 = e3
         if self.e3.plan:   # measure here, keep what pays (vllm_e3.planner)
             from ..planner import startup_plan
 
