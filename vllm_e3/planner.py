@@ -19,7 +19,13 @@ per output token of a decode batch of B tokens:
 
 (S_s: fraction of tokens entering stage s, x_e: fraction exiting at e;
 slots: the engine's `--max-num-seqs`, B its `--max-num-active-seqs`; the E3
-scheduler admits past B while requests are parked, vllm_e3/scheduler.py). It
+scheduler admits past B while requests are parked, vllm_e3/scheduler.py).
+Every policy is priced at the same requests in flight: `full` and `token`
+run the slots as one batch of B = slots (an engine that does not park has
+no use for slots kept apart), `e3` runs B active with the rest parked; so
+policy e3 is chosen only where regrouping beats one bigger batch, and when
+the start-up plan chooses full or token the E3 scheduler admits up to the
+slots (vllm_e3/scheduler.py). It
 searches every subset of the exits under token and, under e3, every per-exit
 target in {0 (never park), 8, 16, ..., B}, keeps the least modelled cost, and
 writes policy `full` when nothing beats the full model: the plan is never
@@ -274,7 +280,8 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
     `max_tpot_ratio`, an e3 choice only if its modelled TPOT is at most that
     many times token's on the same exits."""
     L = costs["num_layers"]
-    full = per_token_cost(costs, [], {}, B, measure, "full")
+    F = slots or B          # requests in flight: full and token run them as one batch (equal in-flight)
+    full = per_token_cost(costs, [], {}, F, measure, "full")
     best = {"policy": "full", "exits": [], "cost": full, "target_batch": []}
     choices = [0] + [b for b in costs["batches"] if 8 <= b <= B]
     taken = sorted(e for e in allowed_exits if fractions.get(e, 0.0) > 0)  # the rest cannot pay
@@ -286,9 +293,10 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
         for subset in itertools.combinations(taken, k):
             options = ([("token", [0] * k)] if "token" in policies else []) + \
                       ([("e3", t) for t in e3_options(subset)] if "e3" in policies else [])
-            token_tpot = per_token_cost(costs, subset, fractions, B, measure, "token", tpot=True)
+            token_tpot = per_token_cost(costs, subset, fractions, F, measure, "token", tpot=True)
             for policy, t in options:
-                c = per_token_cost(costs, subset, fractions, B, measure, policy, t, slots, max_park)
+                c = (per_token_cost(costs, subset, fractions, B, measure, policy, t, slots, max_park)
+                     if policy == "e3" else per_token_cost(costs, subset, fractions, F, measure, policy))
                 if (policy == "e3" and max_tpot_ratio is not None and c < best["cost"]
                         and per_token_cost(costs, subset, fractions, B, measure, policy, t, slots,
                                            max_park, tpot=True) > max_tpot_ratio * token_tpot):
@@ -300,13 +308,14 @@ def plan(costs: dict, allowed_exits, fractions, B: int, measure: str,
     best["num_layers"] = L
     if best["exits"]:
         ex = best["exits"]
-        best["token_cost_same_exits"] = per_token_cost(costs, ex, fractions, B, measure, "token") / full
+        best["token_cost_same_exits"] = per_token_cost(costs, ex, fractions, F, measure, "token") / full
         best["e3_cost_same_exits"] = min(
             per_token_cost(costs, ex, fractions, B, measure, "e3", t, slots, max_park)
             for t in e3_options(ex)) / full
-        tpot = lambda pol, t=None: per_token_cost(costs, ex, fractions, B, measure, pol, t, slots,
-                                                  max_park, tpot=True)
+        tpot = lambda pol, t=None: per_token_cost(costs, ex, fractions, B if pol == "e3" else F, measure,
+                                                  pol, t, slots, max_park, tpot=True)
         best["tpot_vs_token"] = tpot(best["policy"], best["target_batch"]) / tpot("token")
+    best["in_flight"] = F
     return best
 
 
@@ -336,10 +345,12 @@ def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | 
     from .simulate import rates_of, simulate
 
     slots = slots or B
-    run = lambda policy, exits, target=0, sl=slots: simulate(
+    # equal in-flight: full and token admit as many requests as policy e3 holds (its slots)
+    run = lambda policy, exits, target=0: simulate(
         ecosts, seeds=seeds, policy=policy, exits=exits, rates=rates_of(exits, fractions),
-        batch=B, slots=sl, target=target, max_park=max_park, park_when=park_when, **workload)
-    full = run("full", [], sl=B)
+        batch=B if policy == "e3" else slots, slots=slots, target=target, max_park=max_park,
+        park_when=park_when, **workload)
+    full = run("full", [])
     best = {"policy": "full", "exits": [], "target_batch": [], "sim": full}
     alt = None          # the fastest option with exits, even where full beats it: what exits would give
     taken = sorted(e for e in allowed_exits if fractions.get(e, 0.0) > 0)
@@ -361,6 +372,7 @@ def plan_simulated(ecosts: dict, allowed_exits, fractions, B: int, slots: int | 
                             "token_sim": token}
     best["relative_cost"] = full["tok_s"] / best["sim"]["tok_s"]
     best["full_sim"] = full
+    best["in_flight"] = slots
     if alt is not None:
         best["best_with_exits"] = {k: alt[k] for k in ("policy", "exits", "target_batch")}
         best["best_with_exits"]["relative_cost"] = full["tok_s"] / alt["sim"]["tok_s"]

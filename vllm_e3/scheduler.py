@@ -26,6 +26,12 @@ not held back when they resume, so the unparked requests can exceed B:
 measured at B = 16 with 32 slots, stage 0 ran at 23.4 rows on average
 (benchmarks/RESULTS.md, "Compiled stages on a quiet machine").
 
+A start-up plan (`"plan": true`) prices every policy at the same requests in
+flight (vllm_e3.planner): when it chooses a policy that does not park (the
+runner's output says so, `e3_parks`), this scheduler admits up to
+`max_num_seqs` from then on, so `token` or `full` runs the slots as one
+batch instead of leaving half of them empty.
+
 Refill. Each output carries `e3_refill` (an attribute of this scheduler's
 own SchedulerOutput, read by vllm_e3.worker): whether requests are waiting
 and runner slots are free. Under `park_when: refill` (the default) the model
@@ -39,11 +45,15 @@ full model's). Policy e3 turns prefix caching off altogether
 """
 from __future__ import annotations
 
+import logging
+
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from .config import e3_config_from_vllm
 from .patches.patch_kv_cache import cache_prompt_blocks_only
+
+logger = logging.getLogger("vllm.e3")
 
 
 class E3Scheduler(Scheduler):
@@ -55,6 +65,7 @@ class E3Scheduler(Scheduler):
             cache_prompt_blocks_only(self)
         self.e3_active_cap = self.max_num_active_reqs   # unparked running requests
         self.e3_parked_ids: set[str] = set()            # parked in the last step
+        self.e3_planned = e3_config_from_vllm(self.vllm_config).plan
 
     def schedule(self, *args, **kwargs):
         parked = sum(1 for rid in self.e3_parked_ids if rid in self.requests)
@@ -67,6 +78,16 @@ class E3Scheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         # the runner's record of the requests whose token parked this step
         # (vllm_e3.runtime: the parking lot is the one source of truth)
+        if self.e3_planned and getattr(model_runner_output, "e3_parks", True) is False:
+            # the start-up plan chose a policy that never parks: admit as many
+            # requests as policy e3 would hold (the planner priced it so:
+            # equal in-flight, vllm_e3.planner)
+            self.e3_planned = False
+            if self.e3_active_cap < self.max_num_running_reqs:
+                logger.info("vllm-e3: the start-up plan chose a policy that does not park; admitting "
+                            "up to --max-num-seqs %d requests instead of --max-num-active-seqs %d",
+                            self.max_num_running_reqs, self.e3_active_cap)
+                self.e3_active_cap = self.max_num_running_reqs
         parked = getattr(model_runner_output, "e3_parked_req_ids", None) or ()
         self.e3_parked_ids = set()
         for req_id in parked:

@@ -95,6 +95,9 @@ class E3CPUModelRunner(CPUModelRunner):
         # exactly these (vllm_e3.scheduler)
         if isinstance(out, ModelRunnerOutput):
             out.e3_parked_req_ids = self._e3_parked
+            # whether the policy the model runs (after a start-up plan) parks at all
+            cfg = getattr(self.get_model(), "e3", None)
+            out.e3_parks = cfg is not None and cfg.policy == "e3"
         self._e3_parked = []
         return out
 
