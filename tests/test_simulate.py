@@ -101,21 +101,26 @@ def test_step_profile_records_a_step():
 
 
 def test_simulated_plan_takes_e3_only_where_it_pays_and_within_the_tpot_bound():
-    # a layer costs the same at 1 and 64 rows: running later stages at full batch pays
-    flat = {**COSTS, "num_layers": 30, "layer": {1: 0.01, 64: 0.0101}, "fill_s": 1e-5,
-            "head_s": 1e-4, "step_s": 0.001, "row_s": 1e-5, "exit_s": 1e-4, "prompt_s": 1e-5}
+    # every policy at 16 requests in flight (equal in-flight): token and full run them as one
+    # batch, e3 runs 8 with the rest parked. A layer costs the same at 1 and 8 rows and five
+    # times that at 16: past 8 rows a bigger batch costs more per row, so regrouping at 8 pays
+    sat = {**COSTS, "num_layers": 30, "layer": {1: 0.01, 8: 0.01, 16: 0.05}, "fill_s": 1e-5,
+           "head_s": 1e-4, "step_s": 0.001, "row_s": 1e-5, "exit_s": 1e-4, "prompt_s": 1e-5}
     work = {"requests": 32, "prompt_len": 4, "output_len": 16}
     frac = {8: 0.5}
-    best = plan_simulated(flat, [8], frac, 8, 16, work, seeds=1)
-    assert best["policy"] == "e3" and best["exits"] == [8]
+    best = plan_simulated(sat, [8], frac, 8, 16, work, seeds=1)
+    assert (best["policy"], best["exits"], best["in_flight"]) == ("e3", [8], 16)
     assert best["sim"]["tok_s"] > best["token_sim"]["tok_s"]
     ratio = best["tpot_vs_token"]
     assert ratio == pytest.approx(best["sim"]["tpot_p50"] / best["token_sim"]["tpot_p50"])
-    capped = plan_simulated(flat, [8], frac, 8, 16, work, max_tpot_ratio=0.99 * ratio, seeds=1)
-    # without e3, nothing pays on flat layer costs: token's later stages run
-    # at half batch for the same price, plus the exit boundary and KV fill
-    assert capped["policy"] == "full"
-    assert capped["sim"]["tok_s"] > best["token_sim"]["tok_s"]
+    capped = plan_simulated(sat, [8], frac, 8, 16, work, max_tpot_ratio=0.99 * ratio, seeds=1)
+    # without e3, token at 16 in flight: its later stage runs 8 rows for less than full's 16
+    assert capped["policy"] == "token"
+    assert capped["sim"]["tok_s"] == pytest.approx(best["token_sim"]["tok_s"])
+    # a layer costing the same at any batch: one batch of 16 beats regrouping, and exits
+    # (half-empty later stages at the same price) beat nothing: full
+    flat = {**sat, "layer": {1: 0.01, 64: 0.0101}}
+    assert plan_simulated(flat, [8], frac, 8, 16, work, seeds=1)["policy"] == "full"
     # a layer's cost proportional to its rows: no exit saves enough to pay an
     # exit boundary that costs a full layer at batch 8
     prop = {**flat, "layer": {1: 0.001, 64: 0.064}, "exit_s": 0.2}
