@@ -74,7 +74,8 @@ def test_fit_costs_recovers_known_costs():
                              head=(reqs, reqs * 1e-3), period=0.01 + 0.0002 * reqs))
     steps.append(_record(4, [(0, 30, 4, 30 * layer(4))], period=10.0))   # idle time: dropped
     # a prefill step: 64 prompt rows at 5e-5 per row-layer beyond 4 decode rows
-    steps.append(_record(4, [(0, 30, 68, 30 * (layer(4) + 64 * 5e-5))], prompt_rows=64))
+    # (its exit boundary, with 68 rows through it, is not a decode step's: left out of exit_s)
+    steps.append(_record(4, [(0, 30, 68, 30 * (layer(4) + 64 * 5e-5))], prompt_rows=64, exits=[0.05]))
     c = fit_costs(steps, 30)
     assert c["layer"][4] == pytest.approx(layer(4)) and c["layer"][16] == pytest.approx(layer(16))
     assert c["exit_s"] == pytest.approx(0.0005) and c["fill_s"] == pytest.approx(2e-5)

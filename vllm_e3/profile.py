@@ -208,7 +208,8 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
                    the stage calls of steps without prompt rows)
     prompt_s       seconds per prompt token per layer beyond that (prefill
                    steps: stage time less the decode rows' share)
-    exit_s         seconds per exit boundary, counted in full: the decision
+    exit_s         seconds per exit boundary of a decode step (steps with
+                   prompt rows left out), counted in full: the decision
                    inside a deciding stage's graph (`decide_tail`), its eager
                    part (the count read, exited rows to the output, parking),
                    the restriction of attention that follows it, and its
@@ -231,8 +232,8 @@ def fit_costs(steps: list[dict], num_layers: int) -> dict:
     exit_t, fill, head, rest, prefill = [0, 0.0], [0, 0.0], [0, 0.0], [], []
     for st in steps:
         timed_s = _timed(st)
-        if st["exits"]:
-            exit_t[0] += len(st["exits"])
+        if st["exits"] and not st["prompt_rows"]:     # a decode step's boundaries (prefill
+            exit_t[0] += len(st["exits"])             # chunks put thousands of rows through them)
             exit_t[1] += (sum(st["exits"]) + sum(st.get("restrict", ())) + st.get("plan", 0.0)
                           + sum(tail(m) for _, end, m, _ in st["stages"] if end < num_layers))
         fill[0] += st["fill"][0]; fill[1] += st["fill"][1]
