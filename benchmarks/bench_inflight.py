@@ -35,6 +35,36 @@ EXITS = [8, 15, 22]
 MIDDLE = {"8": 0.3, "15": 0.357, "22": 0.444}
 
 
+def predict(args, row: dict, input_len: int, output_len: int) -> None:
+    """The planner's simulation (vllm_e3.simulate) of both engines of `row`,
+    written into it."""
+    from vllm_e3.planner import load_engine_costs
+    from vllm_e3.simulate import simulate
+
+    F = row["in_flight"]
+    ecosts = load_engine_costs(args.costs)
+    if args.boundary_s:
+        per = {int(k): float(v) for k, v in (x.split(":") for x in args.boundary_s.split(","))}
+        ecosts["exit_s"] = per.get(F, ecosts["exit_s"])
+    rates = {int(k): v for k, v in MIDDLE.items()}
+    work = {"requests": row["requests"], "prompt_len": input_len, "output_len": output_len}
+    sim = {"token": simulate(ecosts, policy="token", exits=EXITS, rates=rates, batch=F, slots=F, **work),
+           "e3": simulate(ecosts, policy="e3", exits=EXITS, rates=rates, batch=F // 2, slots=F,
+                          target=F // 2, park_when="refill", **work)}
+    for c in ("token", "e3"):
+        row[c].update({"predicted_tok_s": sim[c]["tok_s"], "predicted_in_flight": sim[c]["in_flight_mean"]})
+    row["predicted_e3_vs_token"] = sim["e3"]["tok_s"] / sim["token"]["tok_s"]
+    row["predicted_exit_s"] = ecosts["exit_s"]
+
+
+def report(row: dict) -> None:
+    print(f"\nin flight {row['in_flight']}: token {row['token']['tok_s']:.1f} tok/s (predicted "
+          f"{row['token']['predicted_tok_s']:.1f}), e3 {row['e3']['tok_s']:.1f} (predicted "
+          f"{row['e3']['predicted_tok_s']:.1f}); e3/token {row['e3_vs_token']:.3f} (predicted "
+          f"{row['predicted_e3_vs_token']:.3f}); in flight token {row['token']['in_flight_mean']:.1f}, "
+          f"e3 {row['e3']['in_flight_mean']:.1f}, parked {row['e3']['parked']}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--in-flight", default="16,64")
@@ -43,21 +73,30 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--costs", required=True, help="engine costs for the planner's prediction")
+    ap.add_argument("--boundary-s", default=None,
+                    help="exit boundary seconds for the prediction, per in-flight budget "
+                         "('16:0.000515,64:0.000908'), instead of the costs file's exit_s")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="recompute the predictions of --out's rows (with --costs, --boundary-s); run nothing")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "inflight_e3_token.json"))
     args = ap.parse_args()
+    if args.predict_only:
+        d = json.load(open(args.out))
+        for row in d["rows"]:
+            predict(args, row, d["input_len"], d["output_len"])
+            report(row)
+        d["costs"], d["boundary_s"] = args.costs, args.boundary_s
+        json.dump(d, open(args.out, "w"), indent=1)
+        return
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from common import interleaved_rounds, machine, median, random_prompts
-    from vllm_e3.planner import load_engine_costs
     from vllm_e3.prepare import bare_view, prepare
-    from vllm_e3.simulate import rates_of, simulate
     from vllm_e3.stats import engine_stats
 
     model = bare_view(prepare(deploy=False))
-    ecosts = load_engine_costs(args.costs)
-    rates = {int(k): v for k, v in MIDDLE.items()}
     results = []
     for F in (int(x) for x in args.in_flight.split(",")):
         n = args.requests_per_slot * F
@@ -78,25 +117,16 @@ def main() -> None:
         times, _, stats = interleaved_rounds(
             engines, prompts, sp, args.runs, lambda llm: engine_stats(llm.collective_rpc("e3_exit_stats")),
             vanilla=())
-        work = {"requests": n, "prompt_len": args.input_len, "output_len": args.output_len}
-        sim = {"token": simulate(ecosts, policy="token", exits=EXITS, rates=rates, batch=F, slots=F, **work),
-               "e3": simulate(ecosts, policy="e3", exits=EXITS, rates=rates, batch=F // 2, slots=F,
-                              target=F // 2, park_when="refill", **work)}
         row = {"in_flight": F, "requests": n}
         for c in engines:
             st = stats[c]
             row[c] = {"tok_s": n * args.output_len / median(times[c]), "times": times[c],
                       "in_flight_mean": st["step_reqs"] / max(st["steps"], 1), "parked": st["parked"],
-                      "stage_rows": {s: st["stage_rows"][s] / st["stage_runs"][s] for s in st["stage_runs"]},
-                      "predicted_tok_s": sim[c]["tok_s"], "predicted_in_flight": sim[c]["in_flight_mean"]}
+                      "stage_rows": {s: st["stage_rows"][s] / st["stage_runs"][s] for s in st["stage_runs"]}}
         row["e3_vs_token"] = row["e3"]["tok_s"] / row["token"]["tok_s"]
-        row["predicted_e3_vs_token"] = sim["e3"]["tok_s"] / sim["token"]["tok_s"]
+        predict(args, row, args.input_len, args.output_len)
         results.append(row)
-        print(f"\nin flight {F}: token {row['token']['tok_s']:.1f} tok/s (predicted "
-              f"{row['token']['predicted_tok_s']:.1f}), e3 {row['e3']['tok_s']:.1f} (predicted "
-              f"{row['e3']['predicted_tok_s']:.1f}); e3/token {row['e3_vs_token']:.3f} (predicted "
-              f"{row['predicted_e3_vs_token']:.3f}); in flight token {row['token']['in_flight_mean']:.1f}, "
-              f"e3 {row['e3']['in_flight_mean']:.1f}, parked {row['e3']['parked']}", flush=True)
+        report(row)
         for llm in engines.values():       # the next budget's engines get the memory and cores
             llm.llm_engine.engine_core.shutdown()
         del engines, llm
