@@ -197,3 +197,12 @@ def test_plan_cli_prints_the_partition_and_the_line_that_applies_it(priced_model
     bad = subprocess.run([sys.executable, "-m", "vllm_e3.cli", "plan", priced_model, "--pp", "9", "--exits", "2",
                           "--profile", '{"2": 0.8}'], capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot split 8 layers over 9 pipeline ranks" in bad.stderr
+
+
+def test_startup_plan_without_exits_takes_vanillas_best_split(priced_model):
+    """Policy full under a plan: no exits, vanilla's graph at 5,3 (the head's rank lighter)."""
+    from vllm_e3.config import E3Config
+    from vllm_e3.pipeline import startup_pp_plan
+
+    got = startup_pp_plan(E3Config.from_dict({"policy": "full", "plan": True}), priced_model, _vllm_config(2, 20))
+    assert os.environ[PARTITION_ENV] == "5,3" and (got.policy, got.exits, got.plan) == ("full", (), False)

@@ -104,6 +104,16 @@ def running_fractions(num_layers: int, exits, fractions: dict, rows: float, poli
 def rank_times(ecosts: dict, partition, exits, fractions: dict, rows: float,
                policy: str = "token") -> list[dict]:
     """Seconds per step on each rank, by part (see the module docstring)."""
+    price = _pricer(ecosts, exits, fractions, rows, policy)
+    out, lo = [], 0
+    for r, n in enumerate(partition):
+        out.append(price(lo, lo + n, r == len(partition) - 1))
+        lo += n
+    return out
+
+
+def _pricer(ecosts: dict, exits, fractions: dict, rows: float, policy: str):
+    """price(lo, hi, last): one rank's step, by part, holding layers [lo, hi)."""
     from .simulate import layer_curve
 
     L = ecosts["num_layers"]
@@ -111,20 +121,18 @@ def rank_times(ecosts: dict, partition, exits, fractions: dict, rows: float,
     exits = [e for e in exits if 0 < e < L] if policy != "full" else []
     S = running_fractions(L, exits, fractions, rows, policy)
     first = min(exits) if exits else L
-    out, lo = [], 0
-    for r, n in enumerate(partition):
-        hi = lo + n
+
+    def price(lo: int, hi: int, last: bool) -> dict:
         t = {"layers": sum(_layer_at(layer, rows * S[l]) for l in range(lo, hi)),
              "exits": ecosts["exit_s"] * sum(1 for e in exits if lo < e <= hi),
              "fill": ecosts["fill_s"] * rows * sum(1.0 - S[l] for l in range(max(lo, first), hi)),
-             "head": ecosts["head_s"] * rows if r == len(partition) - 1 else 0.0,
-             "rest": (ecosts.get("step_s", 0.0) + ecosts.get("row_s", 0.0) * rows
-                      if r == len(partition) - 1 else 0.0)}
+             "head": ecosts["head_s"] * rows if last else 0.0,
+             "rest": ecosts.get("step_s", 0.0) + ecosts.get("row_s", 0.0) * rows if last else 0.0}
         t["total"] = sum(t.values())
         t["layers_range"] = (lo, hi)
-        out.append(t)
-        lo = hi
-    return out
+        return t
+
+    return price
 
 
 def _layer_at(layer, m: float) -> float:
@@ -150,8 +158,6 @@ def bottleneck(ecosts, partition, exits, fractions, rows, policy="token", in_fli
     return period(times, in_flight or len(times))
 
 
-
-
 def best_partition(ecosts: dict, pp: int, exits, fractions: dict, rows: float,
                    policy: str = "token") -> list[int]:
     """The split whose slowest rank is fastest (ties: the earliest in
@@ -160,16 +166,9 @@ def best_partition(ecosts: dict, pp: int, exits, fractions: dict, rows: float,
     L = ecosts["num_layers"]
     if not 1 <= pp <= L:
         raise ValueError(f"cannot split {L} layers over {pp} pipeline ranks")
-    one = [[0.0] * (L + 1) for _ in range(L + 1)]          # one[lo][hi]: a middle rank
-    last = [0.0] * (L + 1)                                  # last[lo]: the last rank, [lo, L)
-    for lo in range(L):
-        for hi in range(lo + 1, L + 1):
-            parts = [lo, hi - lo] + ([L - hi] if hi < L else [])
-            # the rank [lo, hi) priced inside some split: its time does not depend on the others
-            t = rank_times(ecosts, [p for p in parts if p], exits, fractions, rows, policy)
-            one[lo][hi] = t[1 if lo else 0]["total"] - (t[1 if lo else 0]["head"] if hi == L else 0.0)
-            if hi == L:
-                last[lo] = t[-1]["total"]
+    price = _pricer(ecosts, exits, fractions, rows, policy)
+    one = {(lo, hi): price(lo, hi, False)["total"] for lo in range(L) for hi in range(lo + 1, L)}
+    last = [price(lo, L, True)["total"] for lo in range(L)]     # the last rank holds [lo, L)
     # best[k][lo]: the least slowest-rank time of k ranks over [lo, L)
     INF = float("inf")
     best = [[INF] * (L + 1) for _ in range(pp + 1)]
@@ -179,7 +178,7 @@ def best_partition(ecosts: dict, pp: int, exits, fractions: dict, rows: float,
     for k in range(2, pp + 1):
         for lo in range(L - k + 1):
             for hi in range(lo + 1, L - k + 2):
-                v = max(one[lo][hi], best[k - 1][hi])
+                v = max(one[lo, hi], best[k - 1][hi])
                 if v < best[k][lo] - 1e-15:
                     best[k][lo], cut[k][lo] = v, hi
     parts, lo = [], 0
@@ -273,16 +272,17 @@ def startup_pp_plan(cfg, model_dir: str, vllm_config):
     L = vllm_config.model_config.hf_config.num_hidden_layers
     if ecosts["num_layers"] != L:
         raise E3ConfigError(f"{path} was measured on {ecosts['num_layers']} layers; this model has {L}")
-    if cfg.policy == "full" or not cfg.exits:
-        return dataclasses.replace(cfg, plan=False)
-    fractions = exit_profile(cfg, model_dir)
-    if fractions is None:
-        raise E3ConfigError(
-            "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
-            "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
+    if cfg.policy == "full" or not cfg.exits:        # no exits: vanilla's graph at its best split
+        fractions, can_fire = {}, []
+    else:
+        fractions = exit_profile(cfg, model_dir)
+        if fractions is None:
+            raise E3ConfigError(
+                "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
+                "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
+        can_fire = [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
     user = os.environ.get(PARTITION_ENV)
     fixed = parse_partition(user, L, pp) if user else None
-    can_fire = [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
     sc = vllm_config.scheduler_config
     m, rows = pp, max(1.0, sc.max_num_seqs / pp)        # a full pipeline (the module docstring)
     policies = ("token", "sync") if cfg.policy == "sync" else ("token",)
