@@ -141,12 +141,18 @@ def _vllm_config(pp, max_num_seqs, layers=8):
 
 
 @pytest.fixture()
-def priced_model(tmp_path, monkeypatch):
-    """A model directory whose e3/ holds only the hand-priced engine costs."""
+def priced_model(tmp_path):
+    """A model directory whose e3/ holds only the hand-priced engine costs.
+    The start-up plan sets VLLM_PP_LAYER_PARTITION in this process: it is
+    restored after the test, or every later engine of the session would
+    start with a 2-rank partition."""
     (tmp_path / "e3").mkdir()
     (tmp_path / "e3" / "engine_costs.json").write_text(json.dumps(costs()))
-    monkeypatch.delenv(PARTITION_ENV, raising=False)
-    return str(tmp_path)
+    old = os.environ.pop(PARTITION_ENV, None)
+    yield str(tmp_path)
+    os.environ.pop(PARTITION_ENV, None)
+    if old is not None:
+        os.environ[PARTITION_ENV] = old
 
 
 def test_startup_plan_sets_the_partition_unless_the_user_did(priced_model, monkeypatch):
@@ -164,13 +170,13 @@ def test_startup_plan_sets_the_partition_unless_the_user_did(priced_model, monke
     assert os.environ[PARTITION_ENV] == "4,4"
     # exit 6 has no rate and no threshold: kept as a stage boundary, as the one-process plan does
     assert (got.policy, got.exits, got.plan, got.force_exit) == ("token", (2, 6), False, {2: 0.8})
-    monkeypatch.setenv(PARTITION_ENV, "6,2")
+    os.environ[PARTITION_ENV] = "6,2"              # the user's (the fixture restores the variable)
     said.clear()
     got = pipeline.startup_pp_plan(cfg, priced_model, _vllm_config(2, 20))
     assert os.environ[PARTITION_ENV] == "6,2" and got.policy == "token"
     assert any("VLLM_PP_LAYER_PARTITION=6,2 is set: the pipeline keeps it (the plan would choose 4,4)" in s
                for s in said)
-    monkeypatch.setenv(PARTITION_ENV, "6,3")
+    os.environ[PARTITION_ENV] = "6,3"
     with pytest.raises(ValueError, match="adding up to 8"):
         pipeline.startup_pp_plan(cfg, priced_model, _vllm_config(2, 20))
 
@@ -206,3 +212,9 @@ def test_startup_plan_without_exits_takes_vanillas_best_split(priced_model):
 
     got = startup_pp_plan(E3Config.from_dict({"policy": "full", "plan": True}), priced_model, _vllm_config(2, 20))
     assert os.environ[PARTITION_ENV] == "5,3" and (got.policy, got.exits, got.plan) == ("full", (), False)
+
+
+def test_no_partition_is_left_in_this_process():
+    """Runs after the start-up plan tests above: the engines the rest of the
+    session starts must see no partition of ours."""
+    assert PARTITION_ENV not in os.environ
