@@ -258,10 +258,8 @@ def startup_pp_plan(cfg, model_dir: str, vllm_config):
     Sets VLLM_PP_LAYER_PARTITION in this worker's environment before vLLM
     builds the layers, unless the user set it: theirs wins, with a log line,
     and the plan chooses the exits for it. Returns the new config."""
-    import dataclasses
-
     from .config import E3ConfigError, e3_dir
-    from .planner import ENGINE_COSTS_FILENAME, exit_profile, load_engine_costs
+    from .planner import ENGINE_COSTS_FILENAME, load_engine_costs, planned_config, startup_profile
 
     pp = vllm_config.parallel_config.pipeline_parallel_size
     path = os.path.join(e3_dir(model_dir), ENGINE_COSTS_FILENAME)
@@ -275,12 +273,7 @@ def startup_pp_plan(cfg, model_dir: str, vllm_config):
     if cfg.policy == "full" or not cfg.exits:        # no exits: vanilla's graph at its best split
         fractions, can_fire = {}, []
     else:
-        fractions = exit_profile(cfg, model_dir)
-        if fractions is None:
-            raise E3ConfigError(
-                "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
-                "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
-        can_fire = [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
+        fractions, can_fire = startup_profile(cfg, model_dir)
     user = os.environ.get(PARTITION_ENV)
     fixed = parse_partition(user, L, pp) if user else None
     sc = vllm_config.scheduler_config
@@ -294,13 +287,7 @@ def startup_pp_plan(cfg, model_dir: str, vllm_config):
     else:
         os.environ[PARTITION_ENV] = spell(best["partition"])
         _forget_cached_env()
-    exits = () if best["policy"] == "full" else tuple(
-        e for e in cfg.exits if e in best["exits"] or e not in can_fire)
-    thr = dict(zip(cfg.exits, cfg.thresholds))
-    new = dataclasses.replace(cfg, policy=best["policy"], exits=exits,
-                              thresholds=tuple(thr[e] for e in exits),
-                              force_exit={e: r for e, r in cfg.force_exit.items() if e in exits},
-                              target_batch=0, plan=False)
+    new = planned_config(cfg, best, can_fire)          # no target batches: policy e3 is not run under PP
     logger.info("vllm-e3 plan at start-up, PP %d, %g rows a step, %d in flight, with %s: policy %s, "
                 "exits %s, partition %s: modelled %.3fx vanilla PP at its even split, %.3fx at its best",
                 pp, rows, m, path,

@@ -513,6 +513,37 @@ def e3_can_park(batch: int, slots: int | None, park_when: str) -> bool:
     return (slots or batch) > batch or park_when == "always"
 
 
+def startup_profile(cfg, model_dir: str) -> tuple[dict[int, float], list[int]]:
+    """What a start-up plan chooses among: the exit fractions (`exit_profile`)
+    and the exits that can fire (a threshold or a forced rate); raises when
+    the config gives no profile."""
+    from .config import E3ConfigError
+
+    fractions = exit_profile(cfg, model_dir)
+    if fractions is None:
+        raise E3ConfigError(
+            "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
+            "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
+    return fractions, [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
+
+
+def planned_config(cfg, best: dict, can_fire) -> object:
+    """`cfg` running the plan `best` (policy, exits, and per-exit target
+    batches where the plan has them), the plan done. Exits that cannot fire
+    only mark a stage boundary and stay unless the plan is `full`."""
+    import dataclasses
+
+    exits = () if best["policy"] == "full" else tuple(
+        e for e in cfg.exits if e in best["exits"] or e not in can_fire)
+    thr = dict(zip(cfg.exits, cfg.thresholds))
+    targets = dict(zip(best["exits"], best["target_batch"])) if "target_batch" in best else None
+    return dataclasses.replace(
+        cfg, policy=best["policy"], exits=exits, thresholds=tuple(thr[e] for e in exits),
+        force_exit={e: r for e, r in cfg.force_exit.items() if e in exits},
+        target_batch=tuple(targets.get(e, 0) for e in exits) if exits and targets is not None else 0,
+        plan=False)
+
+
 def startup_plan(cfg, model_dir: str, vllm_config):
     """The E3 config the engine runs when its config says `plan: true`: the
     planner's choice for this engine's batch (`max_num_active_seqs`, else
@@ -526,17 +557,12 @@ def startup_plan(cfg, model_dir: str, vllm_config):
 
     import torch
 
-    from .config import E3ConfigError, e3_dir
+    from .config import e3_dir
 
     log = logging.getLogger("vllm.e3")
     if cfg.policy == "full" or not cfg.exits:
         return dataclasses.replace(cfg, plan=False)
-    fractions = exit_profile(cfg, model_dir)
-    if fractions is None:
-        raise E3ConfigError(
-            "e3 config asks for a plan at start-up ('plan': true) but has no exit profile: give "
-            "'force_exit', or deploy thresholds from e3/calibration.json (vllm-e3 calibrate)")
-    can_fire = [e for e, t in zip(cfg.exits, cfg.thresholds) if t is not None or e in cfg.force_exit]
+    fractions, can_fire = startup_profile(cfg, model_dir)
     sc = vllm_config.scheduler_config
     batch = getattr(sc, "max_num_active_seqs", None) or sc.max_num_seqs
     dtype = vllm_config.model_config.dtype
@@ -565,16 +591,7 @@ def startup_plan(cfg, model_dir: str, vllm_config):
         costs = measure_costs(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None)
         best = plan(costs, can_fire, fractions, batch, measure, sc.max_num_seqs, policies,
                     cfg.max_park_steps, cfg.max_tpot_ratio)
-    if best["policy"] == "full":
-        exits = ()
-    else:
-        exits = tuple(e for e in cfg.exits if e in best["exits"] or e not in can_fire)
-    thr = dict(zip(cfg.exits, cfg.thresholds))
-    new = dataclasses.replace(
-        cfg, policy=best["policy"], exits=exits, thresholds=tuple(thr[e] for e in exits),
-        force_exit={e: r for e, r in cfg.force_exit.items() if e in exits},
-        target_batch=tuple(dict(zip(best["exits"], best["target_batch"])).get(e, 0) for e in exits)
-        if exits else 0, plan=False)
+    new = planned_config(cfg, best, can_fire)
     log.info("vllm-e3 plan at start-up (%.1f s, batch %d, slots %d, %s): policy %s, exits %s, "
              "target batch %s, modelled cost %.3f of full", time.perf_counter() - t0, batch,
              sc.max_num_seqs, measure, new.policy, list(new.exits), new.target_batch,

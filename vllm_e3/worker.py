@@ -66,10 +66,12 @@ class E3CPUModelRunner(CPUModelRunner):
         self._e3_heap = HeapTrim()
         self._e3_common: dict[int, object] = {}     # KV-cache group -> this step's common metadata
         self._e3_parked: list[str] = []             # requests parked by the last forward
+        self._e3_parks = False                      # the model's policy (after a start-up plan) parks
 
     def initialize_kv_cache(self, *args, **kwargs):
         super().initialize_kv_cache(*args, **kwargs)
         cfg = getattr(self.get_model(), "e3", None)
+        self._e3_parks = cfg is not None and cfg.policy == "e3"
         if cfg is not None and cfg.exits_active:
             check_groups(self.attn_groups)
             # the builders' input, for restricting stages (patches/patch_attn_capture.py)
@@ -95,9 +97,7 @@ class E3CPUModelRunner(CPUModelRunner):
         # exactly these (vllm_e3.scheduler)
         if isinstance(out, ModelRunnerOutput):
             out.e3_parked_req_ids = self._e3_parked
-            # whether the policy the model runs (after a start-up plan) parks at all
-            cfg = getattr(self.get_model(), "e3", None)
-            out.e3_parks = cfg is not None and cfg.policy == "e3"
+            out.e3_parks = self._e3_parks            # read by the scheduler after a start-up plan
         self._e3_parked = []
         return out
 
